@@ -1,0 +1,40 @@
+"""trt_exit: multi-exit Vision Transformers on NVIDIA Jetson with TensorRT."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+VERSION = {}
+exec((ROOT / "trt_exit" / "__init__.py").read_text().split("\n\n")[-1], VERSION)  # __version__
+
+setup(
+    name="trt-exit",
+    version=VERSION["__version__"],
+    description="Multi-exit (early-exit) Vision Transformers on NVIDIA Jetson with TensorRT",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["trt_exit", "trt_exit.*"]),
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "numpy>=1.24",
+        "onnx>=1.16",
+        "onnxruntime>=1.18",
+        "scikit-learn>=1.3",
+        "safetensors>=0.4",
+        "tqdm>=4.66",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        # Tests; the timm adapter tests need timm (and with it torchvision).
+        "dev": ["pytest>=8", "timm>=1.0"],
+        "timm": ["timm>=1.0"],
+    },
+    entry_points={"console_scripts": ["trt-exit=trt_exit.cli:entrypoint"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

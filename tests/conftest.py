@@ -1,0 +1,77 @@
+"""Shared fixtures: a small model trained on the real digits, exported once per session."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trt_exit.training.datasets import load_digits
+from trt_exit.training.trainer import TrainConfig
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The documented train / val / test splits of scikit-learn's digits."""
+    return load_digits(seed=0)
+
+
+#: A few epochs of the tiny test model: enough for exits to differ in confidence.
+TINY_TRAIN = TrainConfig(epochs=6, lr=3e-3, batch_size=64, seed=0, augment_shift_px=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(digits):
+    """``multi_exit_vit_tiny_test`` trained briefly on digits (an MLP exit and an SL-ViT exit)."""
+    from trt_exit.models import create_model
+    from trt_exit.training.trainer import seed_everything, train
+
+    seed_everything(0)
+    model = create_model("multi_exit_vit_tiny_test")
+    train(model, digits["train"], TINY_TRAIN, progress=False)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_model, digits, tmp_path_factory) -> Path:
+    """Directory with the tiny model exported (manifest.json + onnx/fp32), not tuned."""
+    from trt_exit.workflow import export_step
+
+    out = tmp_path_factory.mktemp("tiny_export")
+    export_step(tiny_model, out, digits, {"name": "digits", "seed": 0, "options": {}})
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tuned(tiny_export, digits, tmp_path_factory) -> Path:
+    """A copy of ``tiny_export`` with a latency profile and tuned thresholds."""
+    import shutil
+
+    from trt_exit.manifest import Manifest
+    from trt_exit.workflow import tune_step
+
+    out = tmp_path_factory.mktemp("tiny_tuned") / "model"
+    shutil.copytree(tiny_export, out)
+    tune_step(Manifest.load(out), digits["val"], max_loss=0.02, profile_repeats=20)
+    return out
+
+
+@pytest.fixture
+def fresh_copy(tmp_path):
+    """Copies an export directory into a test's own tmp dir (for tests that damage files)."""
+    import shutil
+
+    def copy(src: Path) -> Path:
+        dst = tmp_path / "copy"
+        shutil.copytree(src, dst)
+        return dst
+
+    return copy
+
+
+def torch_outputs(model, images: np.ndarray) -> list[np.ndarray]:
+    with torch.no_grad():
+        return [o.numpy() for o in model(torch.from_numpy(images))]

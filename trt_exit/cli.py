@@ -1,0 +1,64 @@
+"""``trt-exit <command>``: the command-line interface.
+
+Each command group lives in a module of :mod:`trt_exit.commands` that contributes its own
+subcommands and options through ``register(subparsers)``. Errors trt_exit raises on purpose are
+printed as one line and the exit status is non-zero, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from trt_exit import __version__
+from trt_exit.errors import TrtExitError
+
+#: Modules contributing subcommands, in the order they appear in ``--help``.
+COMMAND_MODULES = [
+    "trt_exit.commands.spine",
+]
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every command module's subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="trt-exit",
+        description="Multi-exit Vision Transformers: train, export per stage, build TensorRT "
+                    "engines, and run with early exits.",
+    )
+    parser.add_argument("--version", action="version", version=f"trt-exit {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (-vv for debug)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the CLI; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="trt-exit: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_ERROR
+    try:
+        return int(args.func(args) or 0)
+    except TrtExitError as exc:
+        print(f"trt-exit {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"trt-exit {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def entrypoint() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""The core commands: demo, train, export, tune, eval, run."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from trt_exit.errors import ConfigError, InputError
+
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def _add_backend_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
+                        help="stage runner backend (default: onnxruntime on the CPU)")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="which stage graphs to run (default: fp32)")
+
+
+def _add_train_options(parser: argparse.ArgumentParser, defaults) -> None:
+    group = parser.add_argument_group("training")
+    group.add_argument("--epochs", type=int, default=defaults.epochs,
+                       help=f"training epochs (default: {defaults.epochs})")
+    group.add_argument("--regime", default=defaults.regime,
+                       choices=("end_to_end", "classifier_wise"),
+                       help="end_to_end: everything, final exit weighted 2x; classifier_wise: "
+                            "backbone frozen, exits trained (default: %(default)s)")
+    group.add_argument("--backbone-epochs", type=int, default=defaults.backbone_epochs,
+                       help="classifier_wise: epochs of backbone + final head first")
+    group.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
+    group.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    group.add_argument("--seed", type=int, default=0, help="seed of split, init and training")
+    group.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _train_config(args: argparse.Namespace, defaults):
+    return dataclasses.replace(defaults, epochs=args.epochs, regime=args.regime,
+                               backbone_epochs=args.backbone_epochs, lr=args.lr,
+                               batch_size=args.batch_size, seed=args.seed)
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from trt_exit.workflow import DEMO_TRAIN, DemoConfig, format_report, run_demo
+
+    config = DemoConfig(seed=args.seed, train=_train_config(args, DEMO_TRAIN),
+                        backend=args.backend, precision=args.precision,
+                        max_accuracy_drop_points=args.max_drop, latency_passes=args.passes)
+    report = run_demo(args.out, config, progress=not args.no_progress)
+    print(format_report(report))
+    print(f"\nwrote {Path(args.out) / 'report.json'} (manifest, ONNX graphs and checkpoint "
+          f"beside it)")
+    return 0
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def _train(args: argparse.Namespace) -> int:
+    from trt_exit.training.trainer import TrainConfig, evaluate
+    from trt_exit.workflow import CHECKPOINT_NAME, DEMO_TRAIN, train_step
+
+    defaults = DEMO_TRAIN if args.model == "multi_exit_vit_digits" else TrainConfig()
+    config = _train_config(args, defaults)
+    net, splits, history = train_step(args.out, args.model, args.dataset, config,
+                                      progress=not args.no_progress)
+    metrics = evaluate(net, splits["val"])
+    print(f"trained {args.model} on {args.dataset} in {history.seconds:.0f} s; "
+          f"val per exit: {', '.join(f'{m:.4f}' for m in metrics)}")
+    print(f"wrote {Path(args.out) / CHECKPOINT_NAME}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from trt_exit.models.checkpoint import load_checkpoint, read_metadata
+    from trt_exit.workflow import CHECKPOINT_NAME, export_step, load_splits
+
+    checkpoint = Path(args.checkpoint or Path(args.out) / CHECKPOINT_NAME)
+    meta = read_metadata(checkpoint)
+    net = load_checkpoint(checkpoint)
+    dataset = meta["extra"].get("dataset")
+    if dataset is None:
+        raise ConfigError(f"{checkpoint} records no dataset; it was not written by trt-exit train")
+    splits = load_splits(dataset["name"], dataset["seed"], dataset.get("options"))
+    manifest = export_step(net, args.out, splits, dataset, checkpoint=checkpoint)
+    worst = manifest.parity["fp32"]["max_output_diff"]
+    print(f"exported {len(manifest.stages)} stages + baseline to {manifest.root}; "
+          f"max |ONNX - PyTorch| on exit outputs: {worst:.2e}")
+    return 0
+
+
+def _load_manifest(path: str):
+    from trt_exit.manifest import Manifest
+
+    return Manifest.load(path)
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from trt_exit.workflow import dataset_of, load_splits, tune_step
+
+    manifest = _load_manifest(args.dir)
+    info = dataset_of(manifest)
+    splits = load_splits(info["name"], info["seed"], info.get("options"))
+    max_loss = None if args.max_drop is None else (
+        args.max_drop / 100 if manifest.task == "classification" else args.max_drop)
+    manifest = tune_step(manifest, splits["val"], args.backend, args.precision, max_loss,
+                         args.repeats)
+    best = manifest.tuning[args.precision]["best"]
+    print(f"thresholds: {best['thresholds']}  val {manifest.tuning[args.precision]['metric']} "
+          f"{best['metric']:.4f} (final exit {manifest.tuning[args.precision]['final_metric']:.4f}), "
+          f"expected latency {best['expected_latency_ms']:.3f} ms; saved to {manifest.path}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from trt_exit.fileio import atomic_write_json
+    from trt_exit.workflow import dataset_of, evaluate_step, format_report, load_splits
+
+    manifest = _load_manifest(args.dir)
+    info = dataset_of(manifest)
+    splits = load_splits(info["name"], info["seed"], info.get("options"))
+    report = evaluate_step(manifest, splits[args.split], args.backend, args.precision, args.passes)
+    print(format_report(report))
+    if args.out:
+        atomic_write_json(args.out, report)
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+def parse_policy(text: str | None, manifest):
+    """A policy from its CLI spelling: ``thresholds``, ``thresholds:T0,T1,..``, ``fixed:K``,
+    ``all`` or ``deadline:MS``."""
+    from trt_exit.runtime.policies import (
+        AllExitsPolicy,
+        DeadlinePolicy,
+        FixedExitPolicy,
+        ThresholdPolicy,
+    )
+
+    if text is None or text == "thresholds":
+        return None
+    kind, _, value = text.partition(":")
+    try:
+        if kind == "thresholds":
+            return ThresholdPolicy([None if v in ("off", "none") else float(v)
+                                    for v in value.split(",")])
+        if kind == "fixed":
+            return FixedExitPolicy(int(value))
+        if kind == "all" and not value:
+            return AllExitsPolicy()
+        if kind == "deadline":
+            thresholds = manifest.thresholds() or [None] * (manifest.num_exits - 1)
+            return DeadlinePolicy(thresholds, budget_ms=float(value),
+                                  stage_latency_ms=manifest.latency_profile.get("stages", {}))
+    except ValueError:
+        pass
+    raise ConfigError(f"bad policy {text!r}; use thresholds, thresholds:T0,T1,..., fixed:K, all "
+                      f"or deadline:MS")
+
+
+def _run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from trt_exit.fileio import atomic_write_text
+    from trt_exit.runtime.executor import Executor
+
+    manifest = _load_manifest(args.dir)
+    path = Path(args.input)
+    if not path.is_file():
+        raise InputError(f"input file {path} does not exist")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{path} is not a .npy or .npz array file ({exc})") from exc
+    inputs = dict(loaded) if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
+    policy = parse_policy(args.policy, manifest)
+    with Executor(manifest, args.backend, args.precision) as executor:
+        results = executor.run(inputs, policy)
+    lines = [json.dumps({"sample": i, **record}) for i, record in enumerate(results.records())]
+    text = "\n".join(lines) + "\n"
+    if args.output:
+        atomic_write_text(args.output, text)
+        print(f"{len(lines)} results in {results.latency_ms:.3f} ms; wrote {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def register(subparsers) -> None:
+    """Adds demo, train, export, tune, eval and run."""
+    from trt_exit.training.trainer import TrainConfig
+    from trt_exit.workflow import DEMO_TRAIN
+
+    p = subparsers.add_parser(
+        "demo", help="train, export, tune and evaluate the digits model end to end",
+        description="Trains a multi-exit ViT on scikit-learn's digits, exports one ONNX graph "
+                    "per stage, tunes exit thresholds on the validation split and reports "
+                    "accuracy and batch-1 latency of every exit on the test split.")
+    p.add_argument("--out", required=True, help="output directory (report.json, manifest, ONNX)")
+    _add_train_options(p, DEMO_TRAIN)
+    _add_backend_options(p)
+    p.add_argument("--max-drop", type=float, default=0.5,
+                   help="accuracy points the early-exit point may lose vs. the final exit")
+    p.add_argument("--passes", type=int, default=3, help="timed passes over the test split")
+    p.set_defaults(func=_demo)
+
+    p = subparsers.add_parser("train", help="train a multi-exit model, write a checkpoint")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--model", default="multi_exit_vit_digits", help="registered model config")
+    p.add_argument("--dataset", default="digits", help="registered dataset")
+    _add_train_options(p, TrainConfig())
+    p.set_defaults(func=_train)
+
+    p = subparsers.add_parser("export", help="export a checkpoint to per-stage ONNX graphs")
+    p.add_argument("--out", required=True, help="output directory (manifest.json, onnx/)")
+    p.add_argument("--checkpoint", help="checkpoint (default: OUT/checkpoint.safetensors)")
+    p.set_defaults(func=_export)
+
+    p = subparsers.add_parser("tune", help="profile stages and tune exit thresholds")
+    p.add_argument("dir", help="directory with manifest.json")
+    _add_backend_options(p)
+    p.add_argument("--max-drop", type=float, default=None,
+                   help="allowed loss vs. the final exit: accuracy points (default 0.5) or MAE")
+    p.add_argument("--repeats", type=int, default=200, help="timed runs per stage")
+    p.set_defaults(func=_tune)
+
+    p = subparsers.add_parser("eval", help="accuracy and latency per exit on a split")
+    p.add_argument("dir", help="directory with manifest.json")
+    _add_backend_options(p)
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--passes", type=int, default=3, help="timed passes over the split")
+    p.add_argument("--out", help="write the report as JSON here")
+    p.set_defaults(func=_eval)
+
+    p = subparsers.add_parser("run", help="run the model with early exits on an array file")
+    p.add_argument("dir", help="directory with manifest.json")
+    p.add_argument("--input", required=True,
+                   help=".npy (one input) or .npz (arrays named like the model inputs), float32")
+    p.add_argument("--policy", help="thresholds (default), thresholds:T0,T1,..., fixed:K, all, "
+                                    "deadline:MS")
+    p.add_argument("--output", help="write JSON lines here instead of stdout")
+    _add_backend_options(p)
+    p.set_defaults(func=_run)

@@ -1,0 +1,1 @@
+"""Stage split, ONNX export, precision passes and parity checks."""

@@ -1,0 +1,29 @@
+"""Backbones, exit heads and multi-exit models."""
+
+from trt_exit.models.multi_exit import (
+    ExitSpec,
+    ModelConfig,
+    MultiExitModel,
+    build_model,
+    create_model,
+    model_config,
+    model_names,
+    register_backbone,
+    register_model,
+)
+from trt_exit.models.vit import ViTConfig, VisionTransformer
+from trt_exit.models import timm_adapter  # noqa: E402,F401  registers the timm backbone and head
+
+__all__ = [
+    "ExitSpec",
+    "ModelConfig",
+    "MultiExitModel",
+    "ViTConfig",
+    "VisionTransformer",
+    "build_model",
+    "create_model",
+    "model_config",
+    "model_names",
+    "register_backbone",
+    "register_model",
+]

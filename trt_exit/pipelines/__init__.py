@@ -1,0 +1,1 @@
+"""Sources, sinks, audio features and the live crowd-counting app."""

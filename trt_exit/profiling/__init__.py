@@ -1,0 +1,1 @@
+"""NVTX ranges, timers, latency reports and plots."""

@@ -1,0 +1,1 @@
+"""Runtime: backends, executor, policies and threshold tuning."""

@@ -1,0 +1,62 @@
+"""The backend interface: how the executor runs one stage.
+
+A backend opens a :class:`StageRunner` per stage graph of a manifest. Runners bind tensors by the
+names in the stage's manifest entry; ``run`` takes and returns arrays by name.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Mapping
+
+from trt_exit.manifest import Manifest, StageEntry, TensorSpec
+
+
+class StageRunner(ABC):
+    """Runs one stage graph.
+
+    Attributes:
+        name: Stage name (``segment_0``, ``exit_1``, ``full``).
+        inputs: Tensors the stage reads.
+        outputs: Tensors the stage writes.
+    """
+
+    def __init__(self, name: str, inputs: list[TensorSpec], outputs: list[TensorSpec]):
+        self.name = name
+        self.inputs = inputs
+        self.outputs = outputs
+
+    @abstractmethod
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        """Runs the stage on ``feeds`` (at least its inputs, by name); returns its outputs."""
+
+    def close(self) -> None:
+        """Releases the runner's resources."""
+
+    def __enter__(self) -> "StageRunner":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class Backend(ABC):
+    """Creates stage runners for the graphs of a manifest."""
+
+    #: Backend name as used by the CLI and reports.
+    name: str = ""
+
+    @abstractmethod
+    def open_stage(self, manifest: Manifest, stage: StageEntry, precision: str) -> StageRunner:
+        """A runner for ``stage`` in ``precision``."""
+
+    @abstractmethod
+    def open_full_model(self, manifest: Manifest, precision: str) -> StageRunner:
+        """A runner for the no-exit baseline graph."""
+
+    def close(self) -> None:
+        """Releases backend-wide resources."""
+
+    def describe(self) -> dict[str, Any]:
+        """Backend name, version and settings, for reports."""
+        return {"backend": self.name}

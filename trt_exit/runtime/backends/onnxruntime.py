@@ -1,0 +1,103 @@
+"""ONNX Runtime backend: the CPU default, available on every machine.
+
+One ``InferenceSession`` per stage. Each session gets one intra-op thread by default: the
+executor runs stages one after another, and several spinning thread pools fighting over a few
+cores cost more than they give at the small batch sizes early exiting is for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from trt_exit.errors import ArtifactError, InputError
+from trt_exit.manifest import Manifest, StageEntry, TensorSpec
+from trt_exit.runtime.backends.base import Backend, StageRunner
+
+
+def session_options(threads: int = 1):
+    """ONNX Runtime session options: ``threads`` intra-op threads, sequential execution."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return options
+
+
+def open_session(path: str | Path, threads: int = 1):
+    """An ``InferenceSession`` on the CPU; a damaged graph is an :class:`ArtifactError`."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), session_options(threads),
+                                    providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types for bad graphs
+        raise ArtifactError(
+            f"ONNX Runtime cannot load {path}: {str(exc).strip()}; re-export the model"
+        ) from exc
+
+
+class OrtStageRunner(StageRunner):
+    """Runs one ONNX graph with ONNX Runtime on the CPU."""
+
+    def __init__(self, name: str, path: str | Path, inputs: list[TensorSpec],
+                 outputs: list[TensorSpec], threads: int = 1):
+        super().__init__(name, inputs, outputs)
+        self.path = Path(path)
+        self.session = open_session(path, threads)
+        graph_inputs = {i.name for i in self.session.get_inputs()}
+        graph_outputs = {o.name for o in self.session.get_outputs()}
+        expected_in = {t.name for t in inputs}
+        expected_out = {t.name for t in outputs}
+        if graph_inputs != expected_in or not expected_out <= graph_outputs:
+            raise ArtifactError(
+                f"{path}: graph tensors {sorted(graph_inputs)} -> {sorted(graph_outputs)} do not "
+                f"match the manifest's {sorted(expected_in)} -> {sorted(expected_out)}"
+            )
+        self._input_names = [t.name for t in inputs]
+        self._output_names = [t.name for t in outputs]
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        try:
+            values = self.session.run(self._output_names,
+                                      {name: feeds[name] for name in self._input_names})
+        except KeyError as exc:
+            raise InputError(f"stage {self.name} needs input {exc.args[0]!r}") from None
+        return dict(zip(self._output_names, values))
+
+    def close(self) -> None:
+        self.session = None
+
+
+class OnnxRuntimeBackend(Backend):
+    """Stage runners on ONNX Runtime's CPU execution provider.
+
+    Args:
+        threads: Intra-op threads per session (default 1, see the module docstring).
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, threads: int = 1):
+        self.threads = threads
+
+    def open_stage(self, manifest: Manifest, stage: StageEntry, precision: str) -> OrtStageRunner:
+        path = manifest.onnx_path(stage, precision)
+        return OrtStageRunner(stage.name, path, stage.inputs, stage.outputs, self.threads)
+
+    def open_full_model(self, manifest: Manifest, precision: str) -> OrtStageRunner:
+        path = manifest.full_model_path(precision)
+        return OrtStageRunner("full", path, manifest.full_model["inputs"],
+                              manifest.full_model["outputs"], self.threads)
+
+    def describe(self) -> dict[str, Any]:
+        import onnxruntime as ort
+
+        return {"backend": self.name, "onnxruntime": ort.__version__, "threads": self.threads,
+                "provider": "CPUExecutionProvider"}

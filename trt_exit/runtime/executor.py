@@ -1,0 +1,402 @@
+"""The executor: runs a manifest's stages under an exit policy.
+
+This is the host-side executor, used with every backend that takes host arrays (ONNX Runtime on
+the CPU, the default). It runs segment 0, exit 0, segment 1, ... and after each exit compares the
+per-sample confidence with the threshold. Samples that exit keep their result; by default the
+batch is compacted so later stages only compute the samples still running (free with a dynamic
+batch on the CPU). The CUDA-stream executor (:mod:`trt_exit.runtime.cuda_executor`) makes the
+same decisions on the GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from trt_exit import tensor_names as tn
+from trt_exit.errors import ConfigError, InputError
+from trt_exit.manifest import Manifest
+from trt_exit.profiling.nvtx import nvtx_range
+from trt_exit.runtime.backends.base import Backend, StageRunner
+from trt_exit.runtime.policies import (
+    AllExitsPolicy,
+    DeadlinePolicy,
+    FixedExitPolicy,
+    Policy,
+    ThresholdPolicy,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExitResults:
+    """Per-sample results of one executor run.
+
+    Attributes:
+        exit_index: (B,) int32, the exit each sample took (the final head is ``num_exits - 1``).
+        output: (B, K) float32, the output of the exit each sample took (logits or values).
+        confidence: (B,) float32, that exit's confidence.
+        task: ``"classification"`` or ``"regression"``.
+        latency_ms: Wall time of the whole run, in milliseconds.
+        all_outputs: With :class:`AllExitsPolicy`: (E, B, K), every exit's output.
+        all_confidences: With :class:`AllExitsPolicy`: (E, B), every exit's confidence.
+    """
+
+    exit_index: np.ndarray
+    output: np.ndarray
+    confidence: np.ndarray
+    task: str
+    latency_ms: float
+    all_outputs: np.ndarray | None = None
+    all_confidences: np.ndarray | None = None
+
+    @property
+    def prediction(self) -> np.ndarray:
+        """Class index (B,) for classification, the output values (B, K) for regression."""
+        return self.output.argmax(axis=1) if self.task == "classification" else self.output
+
+    def __len__(self) -> int:
+        return len(self.exit_index)
+
+    def records(self) -> list[dict[str, Any]]:
+        """One JSON-ready dict per sample."""
+        out = []
+        for i in range(len(self)):
+            pred = self.prediction[i]
+            out.append({
+                "exit": int(self.exit_index[i]),
+                "prediction": int(pred) if np.ndim(pred) == 0 else [float(v) for v in pred],
+                "confidence": float(self.confidence[i]),
+            })
+        return out
+
+
+def create_backend(name: str | Backend, **options: Any) -> Backend:
+    """A backend by name: ``onnxruntime`` (CPU), ``torch`` (CUDA) or ``tensorrt``."""
+    if isinstance(name, Backend):
+        return name
+    if name == "onnxruntime":
+        from trt_exit.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(**options)
+    if name == "torch":
+        from trt_exit.runtime.backends.torch_backend import TorchBackend
+
+        return TorchBackend(**options)
+    if name == "tensorrt":
+        from trt_exit.runtime.backends.tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(**options)
+    raise ConfigError(f"unknown backend {name!r}; choose onnxruntime, torch or tensorrt")
+
+
+def default_policy(manifest: Manifest, precision: str | None = None) -> Policy:
+    """Tuned thresholds from the manifest (for ``precision`` if tuned for it), or the final
+    head if the model is not tuned yet."""
+    thresholds = manifest.thresholds(precision)
+    if thresholds is None:
+        log.info("%s has no tuned thresholds; every sample takes the final head (run trt-exit "
+                 "tune to enable early exits)", manifest.path)
+        return FixedExitPolicy(-1)
+    return ThresholdPolicy(thresholds)
+
+
+def validate_inputs(manifest: Manifest, inputs: Any, device_arrays: bool = False) -> dict[str, Any]:
+    """Checks model inputs against the manifest; returns them by name.
+
+    Args:
+        manifest: The model's manifest.
+        inputs: One array (models with one input) or a mapping from input name to array.
+        device_arrays: Whether the backend accepts ``__cuda_array_interface__`` objects.
+
+    Raises:
+        InputError: A missing or unknown input, wrong type, dtype, rank or shape, an empty
+            batch, inputs with different batch sizes, or NaN / Inf values; the message names the
+            tensor and what was expected.
+    """
+    specs = {s.name: s for s in manifest.inputs}
+    if not isinstance(inputs, Mapping):
+        if len(specs) != 1:
+            raise InputError(f"this model takes {sorted(specs)}: pass a dict of arrays by name")
+        inputs = {next(iter(specs)): inputs}
+    missing = set(specs) - set(inputs)
+    unknown = set(inputs) - set(specs)
+    if missing or unknown:
+        raise InputError(
+            f"inputs {sorted(inputs)} do not match the model's inputs {sorted(specs)}"
+            + (f" (missing {sorted(missing)})" if missing else "")
+            + (f" (unknown {sorted(unknown)})" if unknown else "")
+        )
+    feeds: dict[str, Any] = {}
+    batch = None
+    for name, spec in specs.items():
+        value = inputs[name]
+        expected = f"({', '.join(['B'] + [str(d) for d in spec.shape[1:]])}) {spec.dtype}"
+        if hasattr(value, "__cuda_array_interface__") and not hasattr(value, "__array_interface__"):
+            if not device_arrays:
+                raise InputError(
+                    f"input {name!r} is in GPU memory, but this backend runs on the CPU: copy it "
+                    f"to the host first (e.g. tensor.cpu()), or use the torch / tensorrt backend"
+                )
+            feeds[name] = value
+            shape, dtype = tuple(value.__cuda_array_interface__["shape"]), None
+        else:
+            if hasattr(value, "detach") and getattr(value, "is_cuda", False):
+                raise InputError(f"input {name!r} is a CUDA tensor; this backend needs host arrays")
+            try:
+                array = np.asarray(value.detach() if hasattr(value, "detach") else value)
+            except (TypeError, ValueError) as exc:
+                raise InputError(f"input {name!r} is not an array ({type(value).__name__})") from exc
+            if array.dtype != np.dtype(spec.dtype):
+                raise InputError(
+                    f"input {name!r} has dtype {array.dtype}, expected {expected}: convert it "
+                    f"with .astype(np.{spec.dtype})"
+                )
+            if not np.isfinite(array).all():
+                bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+                first = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
+                raise InputError(
+                    f"input {name!r} contains {bad} NaN or Inf values (first at index {first}); "
+                    f"the model needs finite inputs"
+                )
+            feeds[name] = np.ascontiguousarray(array)
+            shape = array.shape
+        if len(shape) != len(spec.shape) or tuple(shape[1:]) != tuple(spec.shape[1:]):
+            raise InputError(f"input {name!r} has shape {tuple(shape)}, expected {expected}")
+        if shape[0] < 1:
+            raise InputError(f"input {name!r} has an empty batch")
+        if batch is not None and shape[0] != batch:
+            raise InputError(f"inputs have different batch sizes ({batch} and {shape[0]})")
+        batch = shape[0]
+    return feeds
+
+
+class Executor:
+    """Runs a multi-exit model stage by stage under an exit policy.
+
+    Args:
+        manifest: A :class:`Manifest` or the path of one (file or directory).
+        backend: Backend name (``"onnxruntime"``, ``"torch"``, ``"tensorrt"``) or instance.
+        precision: Which graphs to run: ``"fp32"``, ``"fp16"`` or ``"int8"``.
+        policy: Default exit policy (default: the manifest's tuned thresholds).
+        compact: Drop exited samples from the batch before the next stage.
+        backend_options: Keyword options for the backend (e.g. ``threads``).
+
+    Use it as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest | str | Path,
+        backend: str | Backend = "onnxruntime",
+        precision: str = "fp32",
+        policy: Policy | None = None,
+        compact: bool = True,
+        backend_options: dict[str, Any] | None = None,
+    ):
+        self.manifest = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
+        self.backend = create_backend(backend, **(backend_options or {}))
+        self.precision = precision
+        self.compact = compact
+        self.num_exits = self.manifest.num_exits
+        self.runners: dict[str, StageRunner] = {}
+        self._full: StageRunner | None = None
+        try:
+            for stage in self.manifest.stages:
+                self.runners[stage.name] = self.backend.open_stage(self.manifest, stage, precision)
+        except BaseException:
+            self.close()
+            raise
+        n = self.num_exits
+        self._segment_names = [tn.stage_name(tn.SEGMENT, k) for k in range(n)]
+        self._exit_names = [tn.stage_name(tn.EXIT, k) for k in range(n)]
+        self._output_names = [tn.exit_output(k) for k in range(n)]
+        self._confidence_names = [tn.exit_confidence(k) for k in range(n)]
+        # Exits whose state each exit reads (the BoF family hands histograms along).
+        self._state_providers = [
+            [int(t.name.split("_")[1]) for t in self.manifest.exit_stage(k).inputs
+             if t.name.endswith("_state")]
+            for k in range(n)
+        ]
+        self.policy = policy or default_policy(self.manifest, precision)
+        self.policy.validate(self.num_exits)
+        self._device_arrays = bool(getattr(self.backend, "device_arrays", False))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Releases every stage runner and the backend."""
+        for runner in self.runners.values():
+            runner.close()
+        self.runners.clear()
+        if self._full is not None:
+            self._full.close()
+            self._full = None
+        self.backend.close()
+
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ running
+
+    def validate_inputs(self, inputs: Any) -> dict[str, Any]:
+        """See :func:`validate_inputs`."""
+        return validate_inputs(self.manifest, inputs, self._device_arrays)
+
+    def run(self, inputs: Any, policy: Policy | None = None) -> ExitResults:
+        """Runs one batch.
+
+        Args:
+            inputs: One array (B, ...) or a dict of arrays by input name (float32).
+            policy: Overrides the executor's policy for this run.
+
+        Returns:
+            Per-sample results.
+        """
+        feeds = self.validate_inputs(inputs)
+        policy = policy or self.policy
+        if policy is not self.policy:
+            policy.validate(self.num_exits)
+        began = time.perf_counter()
+        if isinstance(policy, AllExitsPolicy):
+            return self._run_all(feeds, began)
+        return self._run_policy(feeds, policy, began)
+
+    def run_full_model(self, inputs: Any) -> ExitResults:
+        """Runs the no-exit baseline graph (backbone and final head in one graph)."""
+        feeds = self.validate_inputs(inputs)
+        if self._full is None:
+            self._full = self.backend.open_full_model(self.manifest, self.precision)
+        final = self.num_exits - 1
+        began = time.perf_counter()
+        with nvtx_range("full"):
+            values = self._full.run(feeds)
+        latency = (time.perf_counter() - began) * 1e3
+        output = np.asarray(values[tn.exit_output(final)])
+        batch = output.shape[0]
+        return ExitResults(np.full(batch, final, np.int32), output,
+                           np.asarray(values[tn.exit_confidence(final)]), self.manifest.task, latency)
+
+    def _run_stage(self, name: str, values: dict[str, Any]) -> dict[str, Any]:
+        with nvtx_range(name):
+            return self.runners[name].run(values)
+
+    def _run_all(self, feeds: dict[str, Any], began: float) -> ExitResults:
+        values = dict(feeds)
+        outputs, confidences = [], []
+        for k in range(self.num_exits):
+            values.update(self._run_stage(tn.stage_name(tn.SEGMENT, k), values))
+            values.update(self._run_stage(tn.stage_name(tn.EXIT, k), values))
+            outputs.append(np.asarray(values[tn.exit_output(k)]))
+            confidences.append(np.asarray(values[tn.exit_confidence(k)]))
+        latency = (time.perf_counter() - began) * 1e3
+        final = self.num_exits - 1
+        batch = outputs[-1].shape[0]
+        return ExitResults(np.full(batch, final, np.int32), outputs[-1], confidences[-1],
+                           self.manifest.task, latency, np.stack(outputs), np.stack(confidences))
+
+    def _needed_exits(self, policy: Policy) -> list[bool]:
+        """Which exit heads run: enabled ones, and the state providers of those."""
+        n = self.num_exits
+        if isinstance(policy, DeadlinePolicy):
+            return [True] * n
+        needed = [policy.exit_enabled(k, n) for k in range(n)]
+        for k in reversed(range(n)):
+            if needed[k]:
+                for provider in self._state_providers[k]:
+                    needed[provider] = True
+        return needed
+
+    def _run_policy(self, feeds: dict[str, Any], policy: Policy, began: float) -> ExitResults:
+        n = self.num_exits
+        final = n - 1
+        fixed = policy.resolve(n) if isinstance(policy, FixedExitPolicy) else None
+        deadline = isinstance(policy, DeadlinePolicy)
+        needed = self._needed_exits(policy)
+        batch = next(iter(feeds.values())).shape[0]
+        if batch == 1:
+            return self._run_one(feeds, policy, fixed, deadline, needed, began)
+        rows = np.arange(batch)  # original sample index of each row of the current arrays
+        alive = np.ones(batch, dtype=bool)  # rows that have not exited yet
+        exit_index = np.full(batch, -1, np.int32)
+        confidence = np.zeros(batch, np.float32)
+        output: np.ndarray | None = None
+        values = dict(feeds)
+        for k in range(n):
+            values.update(self._run_stage(self._segment_names[k], values))
+            if not needed[k]:
+                continue
+            values.update(self._run_stage(self._exit_names[k], values))
+            conf = np.asarray(values[self._confidence_names[k]])
+            if fixed is not None:
+                done = np.full(len(rows), k == fixed)
+            elif k == final:
+                done = np.ones(len(rows), dtype=bool)
+            else:
+                threshold = policy.thresholds[k]
+                # NaN >= t is False: a NaN confidence never exits.
+                done = conf >= threshold if threshold is not None else np.zeros(len(rows), bool)
+                if deadline and self._over_budget(policy, k, began):
+                    done = np.ones(len(rows), dtype=bool)
+            done &= alive
+            if done.any():
+                out_k = np.asarray(values[self._output_names[k]])
+                if output is None:
+                    output = np.zeros((batch, *out_k.shape[1:]), out_k.dtype)
+                taken = rows[done]
+                exit_index[taken] = k
+                output[taken] = out_k[done]
+                confidence[taken] = conf[done]
+                alive &= ~done
+                if not alive.any():
+                    break
+                if self.compact:
+                    values = {name: v[alive] for name, v in values.items()}
+                    rows, alive = rows[alive], alive[alive]
+        latency = (time.perf_counter() - began) * 1e3
+        return ExitResults(exit_index, output, confidence, self.manifest.task, latency)
+
+    def _run_one(self, feeds: dict[str, Any], policy: Policy, fixed: int | None, deadline: bool,
+                 needed: list[bool], began: float) -> ExitResults:
+        """Batch-1 path of :meth:`_run_policy` (the streaming case): the same decisions on a
+        Python float instead of per-sample masks, which cost more than a small stage."""
+        final = self.num_exits - 1
+        values = dict(feeds)
+        for k in range(self.num_exits):
+            values.update(self._run_stage(self._segment_names[k], values))
+            if not needed[k]:
+                continue
+            values.update(self._run_stage(self._exit_names[k], values))
+            conf = values[self._confidence_names[k]]
+            if fixed is not None:
+                done = k == fixed
+            elif k == final:
+                done = True
+            else:
+                threshold = policy.thresholds[k]
+                # NaN >= t is False: a NaN confidence never exits.
+                done = threshold is not None and float(conf[0]) >= threshold
+                done = done or (deadline and self._over_budget(policy, k, began))
+            if done:
+                latency = (time.perf_counter() - began) * 1e3
+                return ExitResults(np.array([k], np.int32), np.asarray(values[self._output_names[k]]),
+                                   np.asarray(conf, np.float32).reshape(1), self.manifest.task,
+                                   latency)
+        raise AssertionError("unreachable: the final exit always exits")
+
+    def _over_budget(self, policy: DeadlinePolicy, k: int, began: float) -> bool:
+        """Whether segment k+1 and exit k+1 no longer fit in the remaining budget."""
+        elapsed_ms = (time.perf_counter() - began) * 1e3
+        latency = policy.stage_latency_ms
+        next_ms = latency.get(tn.stage_name(tn.SEGMENT, k + 1), 0.0) + latency.get(
+            tn.stage_name(tn.EXIT, k + 1), 0.0)
+        return elapsed_ms + next_ms > policy.budget_ms

@@ -1,0 +1,236 @@
+"""Threshold tuning: the fastest operating point that keeps the metric within a floor.
+
+Inputs are every exit's outputs on a validation split (from an all-exits run) and the measured
+per-stage latency. For a threshold vector, a sample takes the first exit whose confidence reaches
+its threshold and pays the latency of every segment and every *enabled* exit head up to there.
+The tuner minimizes the expected latency subject to the metric staying within ``max_loss`` of
+the final exit's (default for classification: at most 0.5 accuracy points below it).
+
+An exit may also be disabled (threshold None): its head is then not run at all, which is worth
+it when too few samples would leave there to pay for it.
+
+Search: exhaustive over a per-exit grid of confidence quantiles sized to ~1e5 combinations,
+then coordinate descent over every distinct confidence value until no step improves.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from trt_exit import tensor_names as tn
+from trt_exit.errors import ConfigError
+
+#: Default allowed metric loss: 0.5 accuracy points for classification.
+DEFAULT_MAX_ACCURACY_DROP = 0.005
+#: Default allowed MAE increase for regression, relative to the final exit's MAE.
+DEFAULT_MAX_MAE_INCREASE_FRACTION = 0.05
+
+
+@dataclass
+class OperatingPoint:
+    """One threshold setting and what it gives on the tuning split.
+
+    Attributes:
+        thresholds: Per early exit: a confidence threshold in [0, 1], or None (disabled).
+        metric: Accuracy (classification) or MAE (regression) on the tuning split.
+        expected_latency_ms: Mean latency per sample predicted from the stage profile.
+        exit_fractions: Fraction of samples leaving at each exit (final head last).
+        allowed_loss: The metric loss this point was tuned for.
+    """
+
+    thresholds: list[float | None]
+    metric: float
+    expected_latency_ms: float
+    exit_fractions: list[float]
+    allowed_loss: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"thresholds": self.thresholds, "metric": self.metric,
+                "expected_latency_ms": self.expected_latency_ms,
+                "exit_fractions": self.exit_fractions, "allowed_loss": self.allowed_loss}
+
+
+@dataclass
+class TuningResult:
+    """The chosen operating point and the trade-off curve around it."""
+
+    best: OperatingPoint
+    final_metric: float
+    full_chain_latency_ms: float
+    metric_name: str
+    points: list[OperatingPoint] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"best": self.best.to_dict(), "final_metric": self.final_metric,
+                "full_chain_latency_ms": self.full_chain_latency_ms,
+                "metric": self.metric_name, "points": [p.to_dict() for p in self.points]}
+
+
+def per_sample_loss(outputs: np.ndarray, targets: np.ndarray, task: str) -> np.ndarray:
+    """(E, N) loss per exit and sample: 1 - correct (classification) or |error| (regression)."""
+    if task == "classification":
+        return (outputs.argmax(axis=2) != targets[None, :]).astype(np.float64)
+    targets = targets.reshape(len(targets), -1)
+    return np.abs(outputs[:, :, : targets.shape[1]] - targets[None]).mean(axis=2)
+
+
+def stage_costs(stage_latency_ms: dict[str, float], num_exits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Latency of each segment and each exit head, (E,) each, from a stage profile."""
+    try:
+        segments = np.array([stage_latency_ms[tn.stage_name(tn.SEGMENT, k)] for k in range(num_exits)])
+        heads = np.array([stage_latency_ms[tn.stage_name(tn.EXIT, k)] for k in range(num_exits)])
+    except KeyError as exc:
+        raise ConfigError(f"the latency profile has no entry for stage {exc.args[0]}") from None
+    return segments.astype(np.float64), heads.astype(np.float64)
+
+
+class _Evaluator:
+    """Evaluates many threshold combinations at once (vectorized over combinations)."""
+
+    def __init__(self, confidences: np.ndarray, losses: np.ndarray, segments: np.ndarray,
+                 heads: np.ndarray):
+        self.conf = np.where(np.isnan(confidences), -np.inf, confidences)  # NaN: never confident
+        self.loss = losses
+        self.segments = segments
+        self.heads = heads
+        self.e1 = confidences.shape[0] - 1
+
+    def __call__(self, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """thresholds (M, E-1), inf = disabled. Returns loss (M,), latency (M,), exits (M, N)."""
+        m, n = thresholds.shape[0], self.conf.shape[1]
+        passes = self.conf[None, : self.e1, :] >= thresholds[:, :, None]  # (M, E-1, N)
+        passes = np.concatenate([passes, np.ones((m, 1, n), bool)], axis=1)  # final always exits
+        exits = passes.argmax(axis=1)  # (M, N) first passing exit
+        loss = self.loss[exits, np.arange(n)[None, :]].mean(axis=1)
+        enabled = np.concatenate([np.isfinite(thresholds), np.ones((m, 1), bool)], axis=1)
+        cumulative = np.cumsum(self.segments[None, :] + self.heads[None, :] * enabled, axis=1)
+        latency = np.take_along_axis(cumulative, exits, axis=1).mean(axis=1)
+        return loss, latency, exits
+
+
+def _candidates(conf: np.ndarray, limit: int | None) -> np.ndarray:
+    values = np.unique(conf[np.isfinite(conf)])
+    if limit is not None and len(values) > limit:
+        values = np.unique(np.quantile(values, np.linspace(0.0, 1.0, limit)))
+    return np.append(values, np.inf)  # inf: exit disabled
+
+
+def _choose(loss: np.ndarray, latency: np.ndarray, allowed: float) -> int | None:
+    ok = np.flatnonzero(loss <= allowed + 1e-12)
+    if len(ok) == 0:
+        return None
+    # Lowest latency; ties broken by lower loss.
+    order = np.lexsort((loss[ok], latency[ok]))
+    return int(ok[order[0]])
+
+
+def tune_thresholds(
+    outputs: np.ndarray,
+    confidences: np.ndarray,
+    targets: np.ndarray,
+    task: str,
+    stage_latency_ms: dict[str, float],
+    max_loss: float | None = None,
+    max_combinations: int = 100_000,
+    curve_losses: Sequence[float] | None = None,
+) -> TuningResult:
+    """Chooses per-exit thresholds minimizing expected latency under a metric floor.
+
+    Args:
+        outputs: (E, N, K) every exit's outputs on the tuning split.
+        confidences: (E, N) every exit's confidence.
+        targets: (N,) class indices or (N, K) regression targets.
+        task: ``"classification"`` or ``"regression"``.
+        stage_latency_ms: Latency of each stage by name (segment_k, exit_k).
+        max_loss: Allowed metric loss against the final exit: accuracy points as a fraction
+            (default 0.005) or MAE units (default 5% of the final exit's MAE).
+        max_combinations: Size of the exhaustive coarse grid.
+        curve_losses: Allowed losses for the trade-off curve stored with the result.
+
+    Returns:
+        The best operating point and the trade-off curve.
+    """
+    outputs = np.asarray(outputs)
+    confidences = np.asarray(confidences, dtype=np.float64)
+    num_exits, n = confidences.shape
+    if outputs.shape[:2] != (num_exits, n) or len(targets) != n or n == 0:
+        raise ConfigError(
+            f"tuning needs outputs (E, N, K), confidences (E, N) and N targets; got "
+            f"{outputs.shape}, {confidences.shape} and {len(targets)}"
+        )
+    losses = per_sample_loss(outputs, np.asarray(targets), task)
+    final_loss = float(losses[-1].mean())
+    if max_loss is None:
+        max_loss = (DEFAULT_MAX_ACCURACY_DROP if task == "classification"
+                    else DEFAULT_MAX_MAE_INCREASE_FRACTION * final_loss)
+    if max_loss < 0:
+        raise ConfigError(f"max_loss must be >= 0, got {max_loss}")
+    segments, heads = stage_costs(stage_latency_ms, num_exits)
+    evaluate = _Evaluator(confidences, losses, segments, heads)
+    e1 = num_exits - 1
+
+    def point(thresholds: np.ndarray, allowed: float) -> OperatingPoint:
+        loss, latency, exits = evaluate(thresholds[None, :])
+        fractions = np.bincount(exits[0], minlength=num_exits) / n
+        metric = 1.0 - loss[0] if task == "classification" else loss[0]
+        return OperatingPoint(
+            thresholds=[None if np.isinf(t) else float(t) for t in thresholds],
+            metric=float(metric), expected_latency_ms=float(latency[0]),
+            exit_fractions=[float(f) for f in fractions], allowed_loss=float(allowed))
+
+    full_chain = float(np.sum(segments + heads))
+    if e1 == 0:
+        best = point(np.zeros(0), max_loss)
+        return TuningResult(best, float(1 - final_loss if task == "classification" else final_loss),
+                            full_chain, "accuracy" if task == "classification" else "mae", [best])
+
+    # Coarse exhaustive grid.
+    per_exit = max(2, int(max_combinations ** (1.0 / e1)) - 1)
+    grids = [_candidates(confidences[k], per_exit) for k in range(e1)]
+    combos = np.array(list(itertools.product(*grids)), dtype=np.float64)  # (M, E-1)
+    coarse_loss, coarse_latency = [], []
+    for start in range(0, len(combos), 4096):
+        loss, latency, _ = evaluate(combos[start : start + 4096])
+        coarse_loss.append(loss)
+        coarse_latency.append(latency)
+    coarse_loss = np.concatenate(coarse_loss)
+    coarse_latency = np.concatenate(coarse_latency)
+
+    fine = [_candidates(confidences[k], None) for k in range(e1)]
+
+    def refine(start: np.ndarray, allowed: float) -> np.ndarray:
+        current = start.copy()
+        loss, latency, _ = evaluate(current[None, :])
+        best_key = (latency[0], loss[0])
+        for _ in range(20):
+            improved = False
+            for k in range(e1):
+                trial = np.repeat(current[None, :], len(fine[k]), axis=0)
+                trial[:, k] = fine[k]
+                loss, latency, _ = evaluate(trial)
+                i = _choose(loss, latency, allowed)
+                if i is not None and (latency[i], loss[i]) < best_key:
+                    best_key = (latency[i], loss[i])
+                    current = trial[i]
+                    improved = True
+            if not improved:
+                break
+        return current
+
+    def best_for(allowed: float) -> OperatingPoint:
+        limit = final_loss + allowed
+        i = _choose(coarse_loss, coarse_latency, limit)
+        start = combos[i] if i is not None else np.full(e1, np.inf)  # all disabled: final only
+        return point(refine(start, limit), allowed)
+
+    best = best_for(max_loss)
+    curve = sorted(set(curve_losses or [0.0, max_loss / 2, max_loss, 2 * max_loss, 4 * max_loss,
+                                        10 * max_loss]))
+    points = [best_for(a) for a in curve]
+    metric_name = "accuracy" if task == "classification" else "mae"
+    final_metric = 1.0 - final_loss if task == "classification" else final_loss
+    return TuningResult(best, float(final_metric), full_chain, metric_name, points)

@@ -1,0 +1,1 @@
+"""Datasets, losses and training regimes."""

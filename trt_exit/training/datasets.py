@@ -1,0 +1,113 @@
+"""Datasets as in-memory arrays with fixed, documented splits.
+
+A :class:`Dataset` holds the model inputs by tensor name (already preprocessed, float32) and the
+targets. Splits are deterministic: the same seed gives the same samples on every machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from trt_exit import tensor_names as tn
+from trt_exit.errors import ConfigError
+
+
+@dataclass
+class Dataset:
+    """One split of a dataset.
+
+    Attributes:
+        inputs: Model inputs by tensor name, each (N, ...) float32, preprocessed.
+        targets: (N,) int64 class indices, or (N, K) float32 regression targets.
+        task: ``"classification"`` or ``"regression"``.
+        name: Dataset and split, e.g. ``"digits/test"``.
+        info: Provenance (source, split rule, seed) recorded in manifests and reports.
+    """
+
+    inputs: dict[str, np.ndarray]
+    targets: np.ndarray
+    task: str
+    name: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key, value in self.inputs.items():
+            if len(value) != len(self.targets):
+                raise ConfigError(
+                    f"{self.name}: input {key!r} has {len(value)} samples but there are "
+                    f"{len(self.targets)} targets"
+                )
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def subset(self, indices: np.ndarray, name: str | None = None) -> "Dataset":
+        """The samples at ``indices``."""
+        return Dataset(
+            inputs={k: v[indices] for k, v in self.inputs.items()},
+            targets=self.targets[indices],
+            task=self.task,
+            name=name or self.name,
+            info=dict(self.info),
+        )
+
+
+DIGITS_SPLIT_RULE = (
+    "sklearn.model_selection.train_test_split, stratified by label: 20% test, then 25% of the "
+    "rest as validation (60/20/20 overall)"
+)
+
+
+def digits_preprocess(pixels: np.ndarray) -> np.ndarray:
+    """Maps digits pixels (values 0..16) to model inputs in [-1, 1], (N, 1, 8, 8) float32."""
+    x = np.asarray(pixels, dtype=np.float32).reshape(-1, 1, 8, 8)
+    return (x / 16.0 - 0.5) / 0.5
+
+
+def load_digits(seed: int = 0) -> dict[str, Dataset]:
+    """scikit-learn's 1,797 real 8x8 handwritten digits, split into train / val / test.
+
+    Args:
+        seed: ``random_state`` of both stratified splits (default 0 is the documented split).
+
+    Returns:
+        ``{"train": ..., "val": ..., "test": ...}`` with 1,077 / 360 / 360 samples for seed 0.
+    """
+    from sklearn.datasets import load_digits as sk_load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = sk_load_digits()
+    images = digits_preprocess(digits.images)
+    labels = digits.target.astype(np.int64)
+    indices = np.arange(len(labels))
+    rest, test = train_test_split(indices, test_size=0.2, stratify=labels, random_state=seed)
+    train, val = train_test_split(rest, test_size=0.25, stratify=labels[rest], random_state=seed)
+    info = {"source": "sklearn.datasets.load_digits", "split": DIGITS_SPLIT_RULE, "seed": seed}
+    full = Dataset({tn.IMAGE: images}, labels, "classification", "digits", info)
+    return {
+        name: full.subset(np.sort(idx), name=f"digits/{name}")
+        for name, idx in (("train", train), ("val", val), ("test", test))
+    }
+
+
+_LOADERS = {"digits": load_digits}
+
+
+def register_dataset(name: str, loader) -> None:
+    """Registers ``loader(seed=..., **kwargs) -> {split: Dataset}`` under ``name``."""
+    _LOADERS[name] = loader
+
+
+def dataset_names() -> list[str]:
+    """Names of registered datasets."""
+    return sorted(_LOADERS)
+
+
+def load_dataset(name: str, seed: int = 0, **kwargs: Any) -> dict[str, Dataset]:
+    """Loads a registered dataset's splits."""
+    if name not in _LOADERS:
+        raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(dataset_names())}")
+    return _LOADERS[name](seed=seed, **kwargs)

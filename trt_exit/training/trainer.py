@@ -1,0 +1,307 @@
+"""Training regimes for multi-exit models (Multi-Exit ViT, section "training").
+
+* ``end_to_end``: backbone and every exit trained together; the final head's loss weighs 2x.
+* ``classifier_wise``: the backbone (and final head) are frozen and only the early exits learn.
+  When the backbone is not trained yet, ``backbone_epochs`` first train backbone + final head.
+
+Everything is seeded; progress is shown with tqdm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from trt_exit.errors import ConfigError
+from trt_exit.models.exits import CLASSIFICATION
+from trt_exit.models.multi_exit import MultiExitModel
+from trt_exit.training.datasets import Dataset
+from trt_exit.training.losses import exit_weights, multi_exit_loss
+
+END_TO_END = "end_to_end"
+CLASSIFIER_WISE = "classifier_wise"
+REGIMES = (END_TO_END, CLASSIFIER_WISE)
+
+#: ``targets_fn(model, inputs, targets) -> one target per exit``; see CopycatSL-ViT.
+TargetsFn = Callable[[MultiExitModel, dict[str, torch.Tensor], torch.Tensor], list[torch.Tensor]]
+
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters.
+
+    Attributes:
+        regime: ``"end_to_end"`` or ``"classifier_wise"``.
+        epochs: Epochs of the main phase (exits only, for classifier-wise).
+        backbone_epochs: Classifier-wise only: epochs training backbone + final head first
+            (0 when the backbone is already trained, e.g. a timm checkpoint).
+        batch_size: Samples per step.
+        lr: Peak AdamW learning rate (linear warm-up, then cosine decay).
+        weight_decay: AdamW weight decay.
+        warmup_epochs: Epochs of linear warm-up.
+        final_weight: Loss weight of the final head relative to 1 for each early exit.
+        augment_shift_px: Random translation of images by up to this many pixels (0 = none).
+        augment_rotate_deg: Random rotation of images by up to this many degrees (0 = none).
+        augment_scale: Random zoom of images by a factor in [1 - s, 1 + s] (0 = none).
+        label_smoothing: Cross-entropy label smoothing.
+        seed: Seed of initialization order, shuffling and augmentation.
+        num_threads: torch intra-op threads (None leaves torch's default).
+    """
+
+    regime: str = END_TO_END
+    epochs: int = 60
+    backbone_epochs: int = 0
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_epochs: int = 3
+    final_weight: float = 2.0
+    augment_shift_px: int = 1
+    augment_rotate_deg: float = 0.0
+    augment_scale: float = 0.0
+    label_smoothing: float = 0.0
+    seed: int = 0
+    num_threads: int | None = None
+
+    def validate(self) -> None:
+        if self.regime not in REGIMES:
+            raise ConfigError(f"unknown training regime {self.regime!r}; choose one of {REGIMES}")
+        if self.epochs < 0 or self.backbone_epochs < 0 or self.batch_size < 1:
+            raise ConfigError("epochs must be >= 0 and batch_size >= 1")
+
+
+@dataclass
+class TrainHistory:
+    """What happened during training: per-epoch loss and validation metrics, wall time."""
+
+    phases: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds Python's, numpy's and torch's generators."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translates each image by up to ``max_shift`` pixels, filling with edge values."""
+    if max_shift <= 0:
+        return images
+    batch, _, height, width = images.shape
+    padded = F.pad(images, (max_shift,) * 4, mode="replicate")  # (B, C, H+2s, W+2s)
+    offsets = torch.randint(0, 2 * max_shift + 1, (batch, 2), generator=generator)
+    return torch.stack(
+        [padded[i, :, dy : dy + height, dx : dx + width] for i, (dy, dx) in enumerate(offsets.tolist())]
+    )
+
+
+def random_affine(images: torch.Tensor, rotate_deg: float, scale: float, shift_px: int,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Rotates, zooms and translates each image at random (bilinear, edge values outside)."""
+    batch, _, height, width = images.shape
+    u = torch.rand(batch, 4, generator=generator) * 2 - 1  # uniform in [-1, 1]
+    angle = u[:, 0] * rotate_deg * math.pi / 180
+    zoom = 1 + u[:, 1] * scale
+    # affine_grid works in [-1, 1] coordinates: one pixel is 2 / size.
+    tx = torch.round(u[:, 2] * shift_px) * 2 / width
+    ty = torch.round(u[:, 3] * shift_px) * 2 / height
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _to_torch(dataset: Dataset) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    inputs = {name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in dataset.inputs.items()}
+    return inputs, torch.from_numpy(np.ascontiguousarray(dataset.targets))
+
+
+def _forward(model: MultiExitModel, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    from trt_exit import tensor_names as tn
+
+    return model(inputs[tn.IMAGE], inputs.get(tn.AUDIO))
+
+
+@torch.no_grad()
+def predict_exits(model: MultiExitModel, dataset: Dataset, batch_size: int = 256) -> list[np.ndarray]:
+    """Outputs of every exit on ``dataset``: a list of (N, num_outputs) float32 arrays."""
+    model.eval()
+    inputs, _ = _to_torch(dataset)
+    chunks: list[list[np.ndarray]] = [[] for _ in range(model.num_exits)]
+    for start in range(0, len(dataset), batch_size):
+        batch = {k: v[start : start + batch_size] for k, v in inputs.items()}
+        for k, out in enumerate(_forward(model, batch)):
+            chunks[k].append(out.float().numpy())
+    return [np.concatenate(c) for c in chunks]
+
+
+def exit_metric(output: np.ndarray, targets: np.ndarray, task: str, columns: int | None = None) -> float:
+    """Accuracy (classification) or mean absolute error (regression) of one exit's output."""
+    if task == CLASSIFICATION:
+        return float(np.mean(output.argmax(axis=1) == targets))
+    targets = targets.reshape(len(targets), -1)
+    return float(np.mean(np.abs(output[:, : targets.shape[1]] - targets)))
+
+
+def metric_name(task: str) -> str:
+    """``"accuracy"`` (higher is better) or ``"mae"`` (lower is better)."""
+    return "accuracy" if task == CLASSIFICATION else "mae"
+
+
+def evaluate(model: MultiExitModel, dataset: Dataset) -> list[float]:
+    """Per-exit metric on ``dataset`` (see :func:`exit_metric`)."""
+    outputs = predict_exits(model, dataset)
+    return [exit_metric(out, dataset.targets, dataset.task) for out in outputs]
+
+
+def _set_trainable(model: MultiExitModel, train_backbone: bool, exit_mask: Sequence[bool]) -> list:
+    model.backbone.requires_grad_(train_backbone)
+    params = [p for p in model.backbone.parameters()] if train_backbone else []
+    for head, trainable in zip(model.exits, exit_mask):
+        head.requires_grad_(trainable)
+        if trainable:
+            params.extend(head.parameters())
+    # Exits may share modules (the BoF family's classifier): keep each parameter once.
+    unique = {id(p): p for p in params}
+    return list(unique.values())
+
+
+def _run_phase(
+    model: MultiExitModel,
+    name: str,
+    train_set: Dataset,
+    val_set: Dataset | None,
+    config: TrainConfig,
+    epochs: int,
+    train_backbone: bool,
+    weights: list[float],
+    generator: torch.Generator,
+    progress: bool,
+    targets_fn: TargetsFn | None,
+) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from trt_exit import tensor_names as tn
+
+    exit_mask = [w > 0 for w in weights]
+    params = _set_trainable(model, train_backbone, exit_mask)
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+    )
+    inputs, targets = _to_torch(train_set)
+    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    total_steps = max(epochs * steps_per_epoch, 1)
+    warmup = config.warmup_epochs * steps_per_epoch
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return config.lr * (step + 1) / warmup
+        progress_frac = (step - warmup) / max(total_steps - warmup, 1)
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress_frac))
+
+    record: dict[str, Any] = {"phase": name, "epochs": epochs, "loss": [], "val": []}
+    step = 0
+    bar = tqdm(range(epochs), desc=f"train {name}", disable=not progress, leave=False)
+    for _ in bar:
+        model.train()
+        if not train_backbone:
+            model.backbone.eval()  # frozen: no dropout / drop-path noise
+        order = torch.randperm(len(train_set), generator=generator)
+        epoch_loss = 0.0
+        for start in range(0, len(train_set), config.batch_size):
+            idx = order[start : start + config.batch_size]
+            batch = {k: v[idx] for k, v in inputs.items()}
+            if config.augment_rotate_deg or config.augment_scale:
+                batch[tn.IMAGE] = random_affine(batch[tn.IMAGE], config.augment_rotate_deg,
+                                                config.augment_scale, config.augment_shift_px,
+                                                generator)
+            elif config.augment_shift_px:
+                batch[tn.IMAGE] = random_shift(batch[tn.IMAGE], config.augment_shift_px, generator)
+            batch_targets = targets[idx]
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
+            outputs = _forward(model, batch)
+            per_exit = targets_fn(model, batch, batch_targets) if targets_fn else batch_targets
+            loss = multi_exit_loss(model, outputs, per_exit, weights, config.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            epoch_loss += loss.item() * len(idx)
+            step += 1
+        record["loss"].append(epoch_loss / len(train_set))
+        postfix = {"loss": f"{record['loss'][-1]:.3f}"}
+        if val_set is not None:
+            metrics = evaluate(model, val_set)
+            record["val"].append(metrics)
+            postfix["val"] = " ".join(f"{m:.3f}" for m in metrics)
+        bar.set_postfix(postfix)
+    bar.close()
+    model.requires_grad_(True)
+    return record
+
+
+def train(
+    model: MultiExitModel,
+    train_set: Dataset,
+    config: TrainConfig | None = None,
+    val_set: Dataset | None = None,
+    progress: bool = True,
+    targets_fn: TargetsFn | None = None,
+) -> TrainHistory:
+    """Trains ``model`` in place under ``config.regime``.
+
+    Args:
+        model: The model to train.
+        train_set: Training split.
+        config: Hyper-parameters (defaults: :class:`TrainConfig`).
+        val_set: If given, per-exit validation metrics are recorded after every epoch.
+        progress: Show tqdm progress bars.
+        targets_fn: Replaces the dataset targets per exit (CopycatSL-ViT's imitation phase).
+
+    Returns:
+        The training history.
+    """
+    config = config or TrainConfig()
+    config.validate()
+    if train_set.task != model.task:
+        raise ConfigError(f"dataset {train_set.name} is {train_set.task}, the model is {model.task}")
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    seed_everything(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    history = TrainHistory()
+    began = time.perf_counter()
+    n = model.num_exits
+    if config.regime == END_TO_END:
+        history.phases.append(_run_phase(
+            model, END_TO_END, train_set, val_set, config, config.epochs, True,
+            exit_weights(n, config.final_weight), generator, progress, targets_fn))
+    else:
+        if config.backbone_epochs:
+            history.phases.append(_run_phase(
+                model, "backbone", train_set, val_set, config, config.backbone_epochs, True,
+                [0.0] * (n - 1) + [1.0], generator, progress, None))
+        history.phases.append(_run_phase(
+            model, "exits", train_set, val_set, config, config.epochs, False,
+            [1.0] * (n - 1) + [0.0], generator, progress, targets_fn))
+    model.eval()
+    history.seconds = time.perf_counter() - began
+    return history

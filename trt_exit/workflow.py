@@ -1,0 +1,356 @@
+"""The steps from data to a tuned, evaluated early-exit model, and the demo that chains them.
+
+Each step reads and writes files in one output directory, so the CLI can run them one at a time
+(``trt-exit train``, ``export``, ``tune``, ``eval``) or all at once (``trt-exit demo``):
+
+* ``checkpoint.safetensors``: trained weights and config (``train``);
+* ``manifest.json`` and ``onnx/``: per-stage graphs (``export``), thresholds and the latency
+  profile (``tune``);
+* ``report.json``: accuracy and latency of every exit and of the tuned operating point (``eval``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trt_exit.errors import ConfigError
+from trt_exit.fileio import atomic_write_json
+from trt_exit.manifest import Manifest
+from trt_exit.training.datasets import Dataset, load_dataset
+from trt_exit.training.trainer import TrainConfig
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+REPORT_NAME = "report.json"
+
+#: Training recipe of the demo: ViTs trained from scratch on 1,077 digits need augmentation.
+DEMO_TRAIN = TrainConfig(epochs=250, lr=3e-3, label_smoothing=0.1, augment_shift_px=1,
+                         augment_rotate_deg=12.0, augment_scale=0.1, seed=0)
+
+
+@dataclass
+class DemoConfig:
+    """What ``trt-exit demo`` does.
+
+    Attributes:
+        model: Registered model config.
+        dataset: Registered dataset.
+        dataset_options: Keyword options of the dataset loader (e.g. a directory).
+        seed: Seed of the split, the initialization and training.
+        train: Training recipe.
+        backend: Backend that runs the stages.
+        precision: Precision of the evaluated graphs.
+        max_accuracy_drop_points: Tuning floor: accuracy points allowed below the final exit.
+        latency_passes: Passes over the test split when timing (batch 1).
+        profile_repeats: Timed runs per stage for the latency profile.
+    """
+
+    model: str = "multi_exit_vit_digits"
+    dataset: str = "digits"
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    train: TrainConfig = field(default_factory=lambda: dataclasses.replace(DEMO_TRAIN))
+    backend: str = "onnxruntime"
+    precision: str = "fp32"
+    max_accuracy_drop_points: float = 0.5
+    latency_passes: int = 3
+    profile_repeats: int = 200
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def load_splits(name: str, seed: int, options: dict[str, Any] | None = None) -> dict[str, Dataset]:
+    """Train / val / test splits of a registered dataset."""
+    return load_dataset(name, seed=seed, **(options or {}))
+
+
+def train_step(out_dir: str | os.PathLike, model: str, dataset: str, train_config: TrainConfig,
+               dataset_options: dict[str, Any] | None = None, progress: bool = True):
+    """Trains a registered model on a dataset's train split and saves the checkpoint.
+
+    Returns:
+        ``(model, splits, history)``.
+    """
+    from trt_exit.models import create_model
+    from trt_exit.models.checkpoint import save_checkpoint
+    from trt_exit.training.trainer import evaluate, seed_everything, train
+
+    out_dir = Path(out_dir)
+    splits = load_splits(dataset, train_config.seed, dataset_options)
+    seed_everything(train_config.seed)
+    net = create_model(model)
+    history = train(net, splits["train"], train_config, val_set=splits["val"], progress=progress)
+    val_metrics = evaluate(net, splits["val"])
+    save_checkpoint(net, out_dir / CHECKPOINT_NAME, extra={
+        "dataset": {"name": dataset, "seed": train_config.seed, "options": dataset_options or {}},
+        "train": dataclasses.asdict(train_config),
+        "seconds": history.seconds,
+        "val_metrics": val_metrics,
+    })
+    return net, splits, history
+
+
+def dataset_of(manifest: Manifest) -> dict[str, Any]:
+    """The dataset a manifest's model was trained on (recorded at export)."""
+    info = manifest.model.get("dataset")
+    if not info:
+        raise ConfigError(f"{manifest.path} records no dataset; pass one explicitly")
+    return info
+
+
+def export_step(net, out_dir: str | os.PathLike, splits: dict[str, Dataset],
+                dataset_info: dict[str, Any], checkpoint: str | os.PathLike | None = None,
+                parity_samples: int = 64) -> Manifest:
+    """Exports ``net`` stage by stage into ``out_dir``; parity is checked on real val samples.
+
+    The checkpoint goes into ``out_dir`` too (``checkpoint`` is copied there, or ``net`` saved)
+    and is recorded in the manifest with its hash: the torch backend runs the stages from it.
+    """
+    import shutil
+
+    from trt_exit.export.onnx_export import export_model
+    from trt_exit.fileio import atomic_path
+    from trt_exit.manifest import FileRef
+    from trt_exit.models.checkpoint import save_checkpoint
+
+    out_dir = Path(out_dir)
+    val = splits["val"]
+    sample = {name: v[:parity_samples] for name, v in val.inputs.items()}
+    manifest = export_model(net, out_dir, sample_inputs=sample)
+    target = out_dir / CHECKPOINT_NAME
+    if checkpoint is None:
+        if not target.is_file():
+            save_checkpoint(net, target, extra={"dataset": dataset_info})
+    elif Path(checkpoint).resolve() != target.resolve():
+        with atomic_path(target) as tmp:
+            shutil.copyfile(checkpoint, tmp)
+    manifest.model["dataset"] = dataset_info
+    manifest.model["checkpoint"] = dataclasses.asdict(FileRef.of(target, out_dir))
+    manifest.save()
+    return manifest
+
+
+def tune_step(manifest: Manifest, val: Dataset, backend: str = "onnxruntime",
+              precision: str = "fp32", max_loss: float | None = None,
+              profile_repeats: int = 200, apply: bool = True) -> Manifest:
+    """Profiles every stage at batch 1, tunes thresholds on ``val`` and stores both.
+
+    Args:
+        manifest: The exported model.
+        val: Tuning split.
+        backend: Backend to profile and run on.
+        precision: Graphs to tune.
+        max_loss: Allowed metric loss (see :func:`trt_exit.runtime.tuning.tune_thresholds`).
+        profile_repeats: Timed runs per stage.
+        apply: Store the thresholds with the exits (the default policy of every executor);
+            otherwise they are stored only under ``tuning[precision]``.
+    """
+    from trt_exit.profiling.environment import machine_info
+    from trt_exit.profiling.timers import measure_stage_latency
+    from trt_exit.runtime.executor import Executor
+    from trt_exit.runtime.policies import AllExitsPolicy
+    from trt_exit.runtime.tuning import tune_thresholds
+
+    with Executor(manifest, backend, precision, policy=AllExitsPolicy()) as executor:
+        one = {name: v[:1] for name, v in val.inputs.items()}
+        stage_ms = measure_stage_latency(executor, one, repeats=profile_repeats)
+        results = executor.run(val.inputs)
+        backend_info = executor.backend.describe()
+    tuning = tune_thresholds(results.all_outputs, results.all_confidences, val.targets,
+                             manifest.task, stage_ms, max_loss)
+    manifest.latency_profile = {
+        "backend": backend_info, "precision": precision, "batch": 1, "unit": "ms",
+        "statistic": f"median of {profile_repeats}", "stages": stage_ms,
+        "machine": machine_info(),
+    }
+    manifest.tuning[precision] = {**tuning.to_dict(), "split": val.name, "samples": len(val),
+                                  "backend": backend_info["backend"]}
+    if apply:
+        for entry, threshold in zip(manifest.exits[:-1], tuning.best.thresholds):
+            entry.enabled = threshold is not None
+            entry.threshold = threshold if threshold is not None else 1.0
+        manifest.operating_points = [p.to_dict() for p in tuning.points]
+    manifest.save()
+    return manifest
+
+
+def _timed_passes(executor, test: Dataset, passes: int, policies: dict[str, Any]) -> dict[str, list[float]]:
+    """Per-sample latency (batch 1) of each policy (``"full"`` = the baseline graph),
+    interleaved sample by sample in rotating order so drift touches all of them alike."""
+    names = list(policies)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    n = len(test)
+    for p in range(passes):
+        for i in range(n):
+            x = {name: v[i : i + 1] for name, v in test.inputs.items()}
+            shift = (i + p) % len(names)
+            for name in names[shift:] + names[:shift]:
+                policy = policies[name]
+                result = executor.run_full_model(x) if policy == "full" else executor.run(x, policy)
+                samples[name].append(result.latency_ms)
+    return samples
+
+
+def evaluate_step(manifest: Manifest, test: Dataset, backend: str = "onnxruntime",
+                  precision: str = "fp32", passes: int = 3, warmup: int = 50) -> dict[str, Any]:
+    """Accuracy and latency of every exit and of the tuned operating point on ``test``.
+
+    Latency is measured per sample at batch 1 (the streaming case early exits are for), in the
+    same run for every variant: the tuned early-exit policy, each exit forced, and the no-exit
+    baseline graph (backbone and final head in one graph).
+    """
+    from trt_exit.runtime.executor import Executor, default_policy
+    from trt_exit.runtime.policies import AllExitsPolicy, FixedExitPolicy, ThresholdPolicy
+    from trt_exit.runtime.tuning import per_sample_loss
+    from trt_exit.training.trainer import exit_metric, metric_name
+
+    thresholds = manifest.thresholds(precision)
+    if thresholds is None:
+        raise ConfigError(f"{manifest.path} has no tuned thresholds: run trt-exit tune first")
+    task = manifest.task
+    metric = metric_name(task)
+    with Executor(manifest, backend, precision) as executor:
+        policy = default_policy(manifest, precision)
+        everything = executor.run(test.inputs, AllExitsPolicy())
+        early = executor.run(test.inputs, policy)
+        full = executor.run_full_model(test.inputs)
+        # Warm up every path, then time them interleaved.
+        policies: dict[str, Any] = {"early_exit": policy, "full": "full"}
+        policies.update({f"exit_{k}": FixedExitPolicy(k) for k in range(manifest.num_exits)})
+        warm = test.subset(np.arange(min(warmup, len(test))))
+        _timed_passes(executor, warm, 1, policies)
+        timings = _timed_passes(executor, test, passes, policies)
+        backend_info = executor.backend.describe()
+
+    per_exit = [exit_metric(everything.all_outputs[k], test.targets, task)
+                for k in range(manifest.num_exits)]
+    fractions = np.bincount(early.exit_index, minlength=manifest.num_exits) / len(test)
+    early_metric = exit_metric(early.output, test.targets, task)
+    full_metric = exit_metric(full.output, test.targets, task)
+    mean = {name: float(np.mean(values)) for name, values in timings.items()}
+    exits = []
+    for k, entry in enumerate(manifest.exits):
+        exits.append({
+            "index": k, "block": entry.after_block, "type": entry.type, metric: per_exit[k],
+            "exit_fraction": float(fractions[k]), "latency_ms": mean[f"exit_{k}"],
+            "threshold": None if k == manifest.num_exits - 1 else thresholds[k],
+            "enabled": k == manifest.num_exits - 1 or thresholds[k] is not None,
+        })
+    report = {
+        "model": manifest.name,
+        "task": task,
+        "backend": backend_info["backend"],
+        "backend_info": backend_info,
+        "precision": precision,
+        "split": test.name,
+        "samples": len(test),
+        "metric": metric,
+        "exits": exits,
+        f"final_{metric}": per_exit[-1],
+        "early_exit": {
+            metric: early_metric,
+            "mean_latency_ms": mean["early_exit"],
+            "full_latency_ms": mean["full"],
+            "speedup": mean["full"] / mean["early_exit"],
+            "latency_ratio": mean["early_exit"] / mean["full"],
+            "thresholds": thresholds,
+            "exit_fractions": [float(f) for f in fractions],
+            "full_model_" + metric: full_metric,
+            "p50_latency_ms": float(np.percentile(timings["early_exit"], 50)),
+            "p99_latency_ms": float(np.percentile(timings["early_exit"], 99)),
+            "full_p50_latency_ms": float(np.percentile(timings["full"], 50)),
+        },
+        "latency": {"batch": 1, "passes": passes, "statistic": "mean over samples and passes",
+                    "method": "interleaved per sample: early exit, each forced exit, full graph"},
+    }
+    if task == "classification":
+        # Identical decisions whichever way the batch was cut: batched vs. the per-sample runs.
+        report["early_exit"]["errors"] = int(per_sample_loss(early.output[None], test.targets, task).sum())
+    return report
+
+
+# --------------------------------------------------------------------------- the demo
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as a readable table."""
+    metric = report["metric"]
+    pct = metric == "accuracy"
+
+    def fmt(value: float) -> str:
+        return f"{100 * value:6.2f}%" if pct else f"{value:7.3f}"
+
+    lines = [
+        f"{report['model']} on {report['split']} ({report['samples']} samples), "
+        f"{report['backend']} {report['precision']}, batch 1",
+        "",
+        f"{'exit':>4} {'block':>5} {'type':<10} {metric:>9} {'exits here':>10} "
+        f"{'latency':>10} {'threshold':>9}",
+    ]
+    for e in report["exits"]:
+        threshold = "final" if e["threshold"] is None and e["enabled"] else (
+            "off" if not e["enabled"] else f"{e['threshold']:.4f}")
+        lines.append(f"{e['index']:>4} {e['block']:>5} {e['type']:<10} {fmt(e[metric]):>9} "
+                     f"{100 * e['exit_fraction']:9.1f}% {e['latency_ms']:8.3f}ms {threshold:>9}")
+    ee = report["early_exit"]
+    lines += [
+        "",
+        f"final exit {metric}: {fmt(report['final_' + metric]).strip()}",
+        f"early exit {metric}: {fmt(ee[metric]).strip()}   mean latency {ee['mean_latency_ms']:.3f} ms",
+        f"no-exit baseline (backbone + final head, one graph): {ee['full_latency_ms']:.3f} ms",
+        f"speedup {ee['speedup']:.2f}x (early-exit latency = {ee['latency_ratio']:.2f} x baseline)",
+    ]
+    return "\n".join(lines)
+
+
+def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Trains, exports, tunes and evaluates; writes ``report.json`` and returns the report."""
+    import time
+
+    from trt_exit.profiling.environment import machine_info
+    from trt_exit.training.trainer import evaluate
+
+    config = config or DemoConfig()
+    config.train = dataclasses.replace(config.train, seed=config.seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    net, splits, history = train_step(out_dir, config.model, config.dataset, config.train,
+                                      config.dataset_options, progress)
+    torch_metrics = evaluate(net, splits["test"])
+    dataset_info = {"name": config.dataset, "seed": config.seed, "options": config.dataset_options,
+                    **splits["test"].info}
+    manifest = export_step(net, out_dir, splits, dataset_info)
+    task = manifest.task
+    max_loss = config.max_accuracy_drop_points / 100 if task == "classification" else None
+    manifest = tune_step(manifest, splits["val"], config.backend, config.precision, max_loss,
+                         config.profile_repeats)
+    report = evaluate_step(manifest, splits["test"], config.backend, config.precision,
+                           config.latency_passes)
+    report.update({
+        "torch_test_metrics": torch_metrics,
+        "parity_max_abs_diff": manifest.parity["fp32"]["max_output_diff"],
+        "training": {"regime": config.train.regime, "epochs": config.train.epochs,
+                     "seconds": history.seconds, "seed": config.seed},
+        "dataset": dataset_info,
+        "tuning": {"split": splits["val"].name,
+                   "max_accuracy_drop_points": config.max_accuracy_drop_points,
+                   "val_metric": manifest.tuning[config.precision]["best"]["metric"],
+                   "val_final_metric": manifest.tuning[config.precision]["final_metric"]},
+        "artifacts": {"manifest": "manifest.json", "checkpoint": CHECKPOINT_NAME,
+                      "onnx": sorted(str(Path(s.onnx["fp32"].path)) for s in manifest.stages)},
+        "machine": machine_info(),
+        "seconds": time.perf_counter() - began,
+    })
+    atomic_write_json(out_dir / REPORT_NAME, report)
+    return report
