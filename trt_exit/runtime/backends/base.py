@@ -60,3 +60,32 @@ class Backend(ABC):
     def describe(self) -> dict[str, Any]:
         """Backend name, version and settings, for reports."""
         return {"backend": self.name}
+
+
+class DeviceStageRunner(StageRunner):
+    """A stage runner that also enqueues onto a CUDA stream with caller-owned device buffers.
+
+    The CUDA executor (:mod:`trt_exit.runtime.cuda_executor`) allocates every tensor once and
+    hands each stage the device addresses of its inputs and outputs by tensor name (segment k's
+    output buffer *is* segment k+1's input). Runners never allocate per call.
+
+    Attributes:
+        device_arrays: True: :meth:`StageRunner.run` also accepts ``__cuda_array_interface__``
+            inputs.
+    """
+
+    device_arrays = True
+
+    @abstractmethod
+    def enqueue(self, stream: int, addresses: Mapping[str, int], batch: int) -> None:
+        """Enqueues the stage on ``stream`` (a ``cudaStream_t`` as int) for ``batch`` samples,
+        reading and writing the device buffers at ``addresses`` (by tensor name). Must not
+        synchronize the stream or the device."""
+
+    def scratch_bytes(self) -> int:
+        """Device scratch memory the stage needs (0 if it manages its own)."""
+        return 0
+
+    def set_scratch(self, address: int, size: int) -> None:
+        """Hands the stage a shared scratch block of ``size`` bytes at ``address``; the
+        executor sizes it to the largest :meth:`scratch_bytes` of its stages."""
