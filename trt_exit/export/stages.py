@@ -65,12 +65,12 @@ class FullModelStage(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, image: torch.Tensor, *extra: torch.Tensor):
+    def forward(self, x: torch.Tensor, *extra: torch.Tensor):
         model = self.model
-        audio = extra[0] if extra else None
+        audio = extra[0] if extra else (x if model.backbone_input == tn.AUDIO else None)
         final = model.num_exits - 1
         needs_state = model.exits[final].carries_state
-        x, state = image, None
+        state = None
         for index in range(model.num_exits):
             x = model.run_segment(index, x)
             if index == final:
@@ -121,9 +121,10 @@ def split_stages(model: MultiExitModel, example: dict[str, torch.Tensor]) -> lis
     reads, writes = _state_links(model)
     stages: list[Stage] = []
     values: dict[str, torch.Tensor] = dict(example)
-    x = example[tn.IMAGE]
+    first_input = model.backbone_input
+    x = example[first_input]
     for index in range(model.num_exits):
-        seg_in = tn.IMAGE if index == 0 else tn.tokens(index - 1)
+        seg_in = first_input if index == 0 else tn.tokens(index - 1)
         segment = SegmentStage(model, index)
         x = segment(x)
         values[tn.tokens(index)] = x
@@ -157,7 +158,9 @@ def full_model_io(model: MultiExitModel, example: dict[str, torch.Tensor]) -> tu
         FullModelStage, list[TensorSpec], list[TensorSpec]]:
     """The baseline module with its input and output specs."""
     module = FullModelStage(model).eval()
-    names = [tn.IMAGE] + ([tn.AUDIO] if model.exits[-1].uses_audio else [])
+    names = [model.backbone_input]
+    if model.exits[-1].uses_audio and tn.AUDIO not in names:
+        names.append(tn.AUDIO)
     with torch.no_grad():
         output, confidence = module(*[example[n] for n in names])
     final = model.num_exits - 1

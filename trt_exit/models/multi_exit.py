@@ -209,10 +209,15 @@ class MultiExitModel(nn.Module):
             return output, state
         return head(tokens, audio=audio), state
 
-    def forward(self, image: torch.Tensor, audio: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Outputs of every exit, the final head last: a list of (B, num_outputs)."""
+    def forward(self, x: torch.Tensor, audio: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Outputs of every exit, the final head last: a list of (B, num_outputs).
+
+        Args:
+            x: The backbone's input (the image, or the spectrogram of audio backbones).
+            audio: The audio input of audiovisual models (read by their exits).
+        """
         outputs = []
-        x, state = image, None
+        state = None
         for index in range(self.num_exits):
             x = self.run_segment(index, x)
             output, state = self.run_exit(index, x, audio, state)
@@ -223,21 +228,30 @@ class MultiExitModel(nn.Module):
         """Per-exit confidences (B,) for the outputs of :meth:`forward`."""
         return [head.confidence(out) for head, out in zip(self.exits, outputs)]
 
+    @property
+    def backbone_input(self) -> str:
+        """Name of the backbone's input: ``image``, or ``audio`` for spectrogram backbones."""
+        return getattr(self.backbone, "input_name", tn.IMAGE)
+
     def input_names(self) -> list[str]:
-        """Names of the model inputs, image first."""
-        return [tn.IMAGE, tn.AUDIO] if self.uses_audio else [tn.IMAGE]
+        """Names of the model inputs, the backbone's first."""
+        names = [self.backbone_input]
+        if self.uses_audio and tn.AUDIO not in names:
+            names.append(tn.AUDIO)
+        return names
 
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
         """Per-sample shape of each model input (no batch dimension)."""
-        shapes = {tn.IMAGE: (self.backbone.in_chans, *self.backbone.img_size)}
-        if self.uses_audio:
+        shapes = {self.backbone_input: (self.backbone.in_chans, *self.backbone.img_size)}
+        if self.uses_audio and tn.AUDIO not in shapes:
             if self.config.audio_shape is None:
                 raise ConfigError("an exit uses audio but the model config has no audio_shape")
             shapes[tn.AUDIO] = tuple(self.config.audio_shape)
         return shapes
 
 
-def exit_context(backbone: nn.Module, config: ModelConfig) -> ExitContext:
+def exit_context(backbone: nn.Module, config: ModelConfig,
+                 shared: dict | None = None) -> ExitContext:
     """The :class:`ExitContext` of exits attached to ``backbone``."""
     return ExitContext(
         embed_dim=backbone.embed_dim,
@@ -249,6 +263,7 @@ def exit_context(backbone: nn.Module, config: ModelConfig) -> ExitContext:
         task=config.task,
         audio_shape=tuple(config.audio_shape) if config.audio_shape else None,
         backbone=backbone,
+        shared={} if shared is None else shared,
     )
 
 

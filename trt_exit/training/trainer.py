@@ -133,7 +133,8 @@ def _to_torch(dataset: Dataset) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
 def _forward(model: MultiExitModel, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     from trt_exit import tensor_names as tn
 
-    return model(inputs[tn.IMAGE], inputs.get(tn.AUDIO))
+    audio = inputs.get(tn.AUDIO)
+    return model(inputs[model.backbone_input], audio)
 
 
 @torch.no_grad()
@@ -229,7 +230,9 @@ def _run_phase(
         for start in range(0, len(train_set), config.batch_size):
             idx = order[start : start + config.batch_size]
             batch = {k: v[idx] for k, v in inputs.items()}
-            if config.augment_rotate_deg or config.augment_scale:
+            if tn.IMAGE not in batch:
+                pass  # image augmentation only; spectrogram backbones bring their own
+            elif config.augment_rotate_deg or config.augment_scale:
                 batch[tn.IMAGE] = random_affine(batch[tn.IMAGE], config.augment_rotate_deg,
                                                 config.augment_scale, config.augment_shift_px,
                                                 generator)

@@ -42,6 +42,8 @@ class ExitContext:
             for image-only models.
         backbone: The backbone module itself, for heads that reuse its parts (the timm head);
             not part of the context's identity.
+        shared: One dict per model, handed to every exit head of it: heads that share modules
+            across exits (the BoF family's single classifier) keep them here.
     """
 
     embed_dim: int
@@ -53,6 +55,7 @@ class ExitContext:
     task: str = CLASSIFICATION
     audio_shape: tuple[int, ...] | None = None
     backbone: Any = field(default=None, repr=False, compare=False)
+    shared: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
