@@ -61,3 +61,11 @@ def require(module: str, extra: str, purpose: str, hint: str = ""):
         return importlib.import_module(module)
     except ImportError as exc:
         raise MissingDependencyError(module.split(".")[0], extra, purpose, hint) from exc
+
+
+class CudaError(TrtExitError, RuntimeError):
+    """A CUDA driver, runtime or NVRTC call failed; the message names the call and the error."""
+
+
+class CudaUnavailableError(CudaError):
+    """No usable NVIDIA GPU or driver (or one too old for what was asked)."""

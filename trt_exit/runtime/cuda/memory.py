@@ -1,0 +1,184 @@
+"""Memory owners: device buffers, pinned (optionally mapped) host buffers, and views.
+
+Each owner frees its memory in :meth:`close` (also on ``with`` exit); closing twice is fine.
+Whoever created an owner owns it; :class:`DeviceView` and the numpy views of
+:class:`PinnedBuffer` own nothing and must not outlive the owner they were taken from.
+
+Frees synchronize implicitly (``cudaFree`` / ``cudaFreeHost`` wait for the device), so work
+still reading a buffer never sees it freed under it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from trt_exit.errors import InputError
+from trt_exit.runtime.cuda.api import bindings, check
+
+
+class DeviceBuffer:
+    """``size_bytes`` of device memory (``cudaMalloc``); :attr:`address` is the pointer."""
+
+    def __init__(self, size_bytes: int, what: str = "buffer"):
+        _, runtime, _ = bindings()
+        self.size_bytes = max(int(size_bytes), 1)
+        self.what = what
+        self.address = int(check(runtime.cudaMalloc(self.size_bytes),
+                                 f"cudaMalloc({self.size_bytes}) for {what}"))
+
+    def view(self, shape: tuple[int, ...], dtype: Any, offset_bytes: int = 0) -> "DeviceView":
+        """A ``__cuda_array_interface__`` view into this buffer (owns nothing)."""
+        view = DeviceView(self.address + offset_bytes, tuple(shape), np.dtype(dtype))
+        if offset_bytes + view.nbytes > self.size_bytes:
+            raise ValueError(f"view of {view.nbytes} bytes at {offset_bytes} exceeds {self.what}")
+        return view
+
+    def memset_async(self, value: int, size_bytes: int, stream: int) -> None:
+        _, runtime, _ = bindings()
+        check(runtime.cudaMemsetAsync(self.address, value, size_bytes, stream), "cudaMemsetAsync")
+
+    def close(self) -> None:
+        if self.address:
+            _, runtime, _ = bindings()
+            address, self.address = self.address, 0
+            check(runtime.cudaFree(address), f"cudaFree ({self.what})")
+
+    def __enter__(self) -> "DeviceBuffer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class PinnedBuffer:
+    """Page-locked host memory (``cudaHostAlloc``), for fast and asynchronous copies.
+
+    With ``mapped=True`` the GPU can read and write it directly at :attr:`device_address`
+    (zero-copy; on Jetson's shared DRAM it is the same memory): the poll strategy's gate writes
+    its decision flags there.
+    """
+
+    def __init__(self, size_bytes: int, mapped: bool = False, what: str = "pinned buffer"):
+        _, runtime, _ = bindings()
+        self.size_bytes = max(int(size_bytes), 1)
+        self.what = what
+        flags = runtime.cudaHostAllocMapped if mapped else runtime.cudaHostAllocDefault
+        self.address = int(check(runtime.cudaHostAlloc(self.size_bytes, flags),
+                                 f"cudaHostAlloc({self.size_bytes}) for {what}"))
+        self.device_address = 0
+        if mapped:
+            self.device_address = int(check(runtime.cudaHostGetDevicePointer(self.address, 0),
+                                            f"cudaHostGetDevicePointer ({what})"))
+        import ctypes
+
+        raw = (ctypes.c_ubyte * self.size_bytes).from_address(self.address)
+        #: All of the buffer as bytes; valid until :meth:`close`.
+        self.bytes = np.frombuffer(raw, dtype=np.uint8)
+
+    def array(self, shape: tuple[int, ...], dtype: Any, offset_bytes: int = 0) -> np.ndarray:
+        """A numpy view (no copy) of part of the buffer; valid until :meth:`close`."""
+        dtype = np.dtype(dtype)
+        count = int(math.prod(shape))
+        end = offset_bytes + count * dtype.itemsize
+        if end > self.size_bytes:
+            raise ValueError(f"view of {end - offset_bytes} bytes at {offset_bytes} exceeds {self.what}")
+        return self.bytes[offset_bytes:end].view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        if self.address:
+            _, runtime, _ = bindings()
+            address, self.address, self.device_address = self.address, 0, 0
+            self.bytes = np.zeros(0, np.uint8)
+            check(runtime.cudaFreeHost(address), f"cudaFreeHost ({self.what})")
+
+    def __enter__(self) -> "PinnedBuffer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    """A C-contiguous array in device memory it does not own, exported through
+    ``__cuda_array_interface__`` (version 3) so torch, CuPy or Numba can wrap it without a copy
+    (``torch.as_tensor(view, device="cuda")``)."""
+
+    address: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(math.prod(self.shape)) * self.dtype.itemsize
+
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]:
+        return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.address, False),
+                "strides": None, "version": 3, "stream": None}
+
+
+@dataclass(frozen=True)
+class ExternalArray:
+    """A caller's ``__cuda_array_interface__`` array, checked and described.
+
+    Attributes:
+        address: Device pointer of element 0.
+        shape: Array shape.
+        dtype: Element type.
+        stream: The producer's stream from the interface (v3), or None: work reading the array
+            must wait for it.
+    """
+
+    address: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    stream: int | None
+
+
+def external_array(name: str, value: Any, device: int) -> ExternalArray:
+    """Reads and checks a ``__cuda_array_interface__`` object for use without a copy.
+
+    Raises:
+        InputError: It is not C-contiguous, is read-only-masked, or lives on another device
+            or in host memory; the message says what to do.
+    """
+    interface = value.__cuda_array_interface__
+    shape = tuple(int(d) for d in interface["shape"])
+    dtype = np.dtype(interface["typestr"])
+    if interface.get("mask") is not None:
+        raise InputError(f"input {name!r} is a masked array; pass a plain device array")
+    strides = interface.get("strides")
+    if strides is not None:
+        expected, step = [], dtype.itemsize
+        for dim in reversed(shape):
+            expected.append(step)
+            step *= dim
+        if tuple(strides) != tuple(reversed(expected)) and math.prod(shape) > 1:
+            raise InputError(f"input {name!r} is not C-contiguous (strides {tuple(strides)}): "
+                             f"pass a contiguous array (e.g. tensor.contiguous())")
+    address = int(interface["data"][0])
+    if address and math.prod(shape) > 0:
+        where = pointer_device(address)
+        if where is None:
+            raise InputError(f"input {name!r} exposes __cuda_array_interface__ but its memory "
+                             f"is not device memory; pass it as a numpy array instead")
+        if where != device:
+            raise InputError(f"input {name!r} is on GPU {where}, but the executor runs on GPU "
+                             f"{device}: move it (e.g. tensor.to('cuda:{device}'))")
+    stream = interface.get("stream")
+    return ExternalArray(address, shape, dtype, int(stream) if stream is not None else None)
+
+
+def pointer_device(address: int) -> int | None:
+    """Device ordinal of device or managed memory at ``address``; None for host memory."""
+    _, runtime, _ = bindings()
+    attributes = check(runtime.cudaPointerGetAttributes(address), "cudaPointerGetAttributes")
+    kinds = runtime.cudaMemoryType
+    if attributes.type in (kinds.cudaMemoryTypeDevice, kinds.cudaMemoryTypeManaged):
+        return int(attributes.device)
+    return None

@@ -1,0 +1,108 @@
+"""Streams and events (CUDA runtime API), owned and closed like every other CUDA resource.
+
+Events are recorded on the stream that does the work they mark, and a host wait is always on
+an event or the stream that will complete it (never ``cudaDeviceSynchronize``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trt_exit.runtime.cuda.api import bindings, check
+
+
+class Stream:
+    """A non-blocking CUDA stream (does not synchronize with the legacy default stream).
+
+    Attributes:
+        handle: The ``cudaStream_t`` as an int (what stage runners and torch's
+            ``ExternalStream`` take).
+    """
+
+    def __init__(self, what: str = "stream"):
+        _, runtime, _ = bindings()
+        self.what = what
+        self._stream = check(runtime.cudaStreamCreateWithFlags(runtime.cudaStreamNonBlocking),
+                             f"cudaStreamCreateWithFlags ({what})")
+        self.handle = int(self._stream)
+
+    def synchronize(self) -> None:
+        """Blocks the host until all work enqueued so far has finished."""
+        _, runtime, _ = bindings()
+        check(runtime.cudaStreamSynchronize(self.handle), f"cudaStreamSynchronize ({self.what})")
+
+    def wait(self, event: "Event") -> None:
+        """Makes later work on this stream wait for ``event`` (no host wait)."""
+        _, runtime, _ = bindings()
+        check(runtime.cudaStreamWaitEvent(self.handle, event.handle, 0), "cudaStreamWaitEvent")
+
+    def copy(self, dst: int, src: int, size_bytes: int) -> None:
+        """Asynchronous copy of ``size_bytes`` (direction inferred from the pointers: unified
+        addressing); host memory must be pinned for the copy to be asynchronous."""
+        if size_bytes <= 0:
+            return
+        _, runtime, _ = bindings()
+        check(runtime.cudaMemcpyAsync(dst, src, size_bytes,
+                                      runtime.cudaMemcpyKind.cudaMemcpyDefault, self.handle),
+              f"cudaMemcpyAsync({size_bytes} bytes)")
+
+    def close(self) -> None:
+        if self.handle:
+            _, runtime, _ = bindings()
+            stream, self._stream, self.handle = self._stream, None, 0
+            check(runtime.cudaStreamDestroy(stream), f"cudaStreamDestroy ({self.what})")
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class Event:
+    """A CUDA event; ``timing=True`` for :meth:`elapsed_ms`, else a cheaper sync-only event."""
+
+    def __init__(self, timing: bool = False):
+        _, runtime, _ = bindings()
+        flags = runtime.cudaEventDefault if timing else runtime.cudaEventDisableTiming
+        self._event = check(runtime.cudaEventCreateWithFlags(flags), "cudaEventCreateWithFlags")
+        self.handle = int(self._event)
+
+    def record(self, stream: int | Stream) -> "Event":
+        """Records the event on ``stream`` (a :class:`Stream` or a raw handle)."""
+        _, runtime, _ = bindings()
+        handle = stream.handle if isinstance(stream, Stream) else int(stream)
+        check(runtime.cudaEventRecord(self.handle, handle), "cudaEventRecord")
+        return self
+
+    def synchronize(self) -> None:
+        """Blocks the host until the work before the last :meth:`record` has finished."""
+        _, runtime, _ = bindings()
+        check(runtime.cudaEventSynchronize(self.handle), "cudaEventSynchronize")
+
+    def elapsed_ms(self, start: "Event") -> float:
+        """GPU time from ``start`` to this event, in milliseconds (both must have completed)."""
+        _, runtime, _ = bindings()
+        return float(check(runtime.cudaEventElapsedTime(start.handle, self.handle),
+                           "cudaEventElapsedTime"))
+
+    def close(self) -> None:
+        if self.handle:
+            _, runtime, _ = bindings()
+            event, self._event, self.handle = self._event, None, 0
+            check(runtime.cudaEventDestroy(event), "cudaEventDestroy")
+
+    def __enter__(self) -> "Event":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def wait_for_producer(consumer: Stream, producer: Any, event: Event) -> None:
+    """Makes ``consumer`` wait for the work a ``__cuda_array_interface__`` producer enqueued on
+    its stream (interface v3: 1 = legacy default stream, 2 = per-thread default stream)."""
+    if producer is None or int(producer) in (0, consumer.handle):
+        return
+    event.record(int(producer))
+    consumer.wait(event)

@@ -1,0 +1,196 @@
+"""The gate kernel: the exit decision, made on the GPU after every exit head.
+
+Two kernels, compiled at run time with NVRTC (to PTX for the GPU's compute capability):
+
+* ``trt_exit_begin`` starts an inference: marks every sample as still running
+  (``exit_index = -1``) and stamps the start time from the GPU's global nanosecond timer
+  (``%globaltimer``) for deadline mode.
+* ``trt_exit_gate`` runs after exit ``k``: each sample still running whose confidence reaches
+  the threshold (or every one, at a forced exit: the final head, a fixed exit, or when the next
+  segment and exit no longer fit in the deadline budget) takes exit ``k``: its exit index,
+  confidence and output row are written to the result buffers; samples that exited earlier keep
+  their result. Then it sets the decision "run the next stage" (some sample is still running):
+  ``cudaGraphSetConditional`` on the IF node's handle in graph mode, and/or a flag in mapped
+  pinned memory that the host reads in poll mode.
+
+NaN confidences are never confident (``NaN >= t`` is false), as in the host executor. The
+deadline test is the host executor's: ``elapsed + latency(segment k+1) + latency(exit k+1) >
+budget``.
+
+The kernels are built twice: with ``TRT_EXIT_CONDITIONAL`` (graph mode; the PTX calls
+``cudaGraphSetConditional``, which only CUDA 12.4+ drivers resolve) and without (poll mode, any
+driver). One block does the whole batch: batches are small, and a block-wide reduction
+(``__syncthreads_or``) tells whether any sample is still running.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trt_exit.runtime.cuda.module import (
+    FLOAT32,
+    INT32,
+    INT64,
+    POINTER,
+    UINT64,
+    Module,
+    compile_ptx,
+)
+
+BEGIN_KERNEL = "trt_exit_begin"
+GATE_KERNEL = "trt_exit_gate"
+#: Threads of the single block that runs each kernel.
+BLOCK_THREADS = 256
+#: NVRTC option that enables ``cudaGraphSetConditional`` (graph mode).
+CONDITIONAL_OPTION = "-DTRT_EXIT_CONDITIONAL=1"
+
+GATE_SOURCE = r"""
+// trt_exit gate kernels; see trt_exit/runtime/gate.py for what they decide.
+typedef unsigned long long cudaGraphConditionalHandle;
+#ifdef TRT_EXIT_CONDITIONAL
+// Device-runtime builtin (cuda_device_runtime_api.h, CUDA 12.4+), declared here so NVRTC needs
+// no CUDA headers; the driver resolves it when it JIT-compiles the PTX.
+extern "C" __device__ __cudart_builtin__ void cudaGraphSetConditional(
+    cudaGraphConditionalHandle handle, unsigned int value);
+#endif
+
+__device__ __forceinline__ unsigned long long global_timer_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+extern "C" __global__ void trt_exit_begin(int* exit_index, int batch,
+                                          unsigned long long* start_ns) {
+  if (threadIdx.x == 0 && start_ns != nullptr) *start_ns = global_timer_ns();
+  for (int i = threadIdx.x; i < batch; i += blockDim.x) exit_index[i] = -1;
+}
+
+extern "C" __global__ void trt_exit_gate(
+    const float* confidence,        // (B,) this exit's confidence
+    const float* output,            // (B, K) this exit's output
+    int* exit_index,                // (B,) result: exit taken, -1 while running
+    float* result_confidence,       // (B,) result
+    float* result_output,           // (B, K) result
+    unsigned int* flag,             // poll mode: mapped pinned decision flag, else null
+    cudaGraphConditionalHandle handle,  // graph mode: the next IF node's handle, else 0
+    const unsigned long long* start_ns,  // begin kernel's timestamp
+    int batch, int num_outputs, int exit_k,
+    int use_threshold, float threshold, int force,
+    int deadline, long long budget_ns, long long next_ns) {
+  __shared__ int over_budget;
+  if (threadIdx.x == 0) {
+    int over = 0;
+    if (deadline) {
+      long long elapsed = (long long)(global_timer_ns() - *start_ns);
+      over = elapsed + next_ns > budget_ns;
+    }
+    over_budget = over;
+  }
+  __syncthreads();
+  int running = 0;
+  for (int i = threadIdx.x; i < batch; i += blockDim.x) {
+    if (exit_index[i] >= 0) continue;  // exited earlier: keeps that result
+    float c = confidence[i];
+    // NaN >= threshold is false: a NaN confidence never exits by confidence.
+    int done = force || over_budget || (use_threshold && c >= threshold);
+    if (done) {
+      exit_index[i] = exit_k;
+      result_confidence[i] = c;
+    } else {
+      running = 1;
+    }
+  }
+  running = __syncthreads_or(running);  // also makes the exit_index writes visible block-wide
+  int total = batch * num_outputs;
+  for (int e = threadIdx.x; e < total; e += blockDim.x) {
+    if (exit_index[e / num_outputs] == exit_k) result_output[e] = output[e];
+  }
+  if (threadIdx.x == 0) {
+    unsigned int go_on = running ? 1u : 0u;
+    if (flag != nullptr) *(volatile unsigned int*)flag = go_on;
+#ifdef TRT_EXIT_CONDITIONAL
+    if (handle != 0) cudaGraphSetConditional(handle, go_on);
+#endif
+  }
+}
+"""
+
+
+def gate_ptx(arch: int, conditional: bool) -> bytes:
+    """PTX of the gate kernels for ``compute_<arch>`` (NVRTC; no GPU needed).
+
+    Args:
+        arch: Compute capability as an int (87 for Orin, 90 for H100/H200).
+        conditional: Build the graph-mode variant (calls ``cudaGraphSetConditional``).
+    """
+    options = (CONDITIONAL_OPTION,) if conditional else ()
+    return compile_ptx(GATE_SOURCE, "trt_exit_gate.cu", arch, options)
+
+
+@dataclass
+class GateParams:
+    """What the gate of one exit decides with (all kernel arguments, so a captured graph
+    holds them; a different policy means a different graph).
+
+    Attributes:
+        exit_k: Exit index.
+        use_threshold: Whether the confidence threshold applies (None threshold: it does not).
+        threshold: Confidence threshold in [0, 1].
+        force: Every running sample exits here (final head, fixed exit).
+        deadline: Check the time budget.
+        budget_ns: Budget of one inference, in nanoseconds.
+        next_ns: Profiled latency of segment k+1 plus exit k+1, in nanoseconds.
+    """
+
+    exit_k: int
+    use_threshold: bool = False
+    threshold: float = 1.0
+    force: bool = False
+    deadline: bool = False
+    budget_ns: int = 0
+    next_ns: int = 0
+
+
+class GateKernels:
+    """The gate kernels loaded on the current GPU.
+
+    Args:
+        arch: NVRTC target (see :func:`trt_exit.runtime.cuda.module.choose_arch`).
+        conditional: Load the graph-mode variant (needs a CUDA 12.4+ driver).
+    """
+
+    def __init__(self, arch: int, conditional: bool):
+        self.conditional = conditional
+        self.module = Module(gate_ptx(arch, conditional),
+                             f"gate kernels ({'graph' if conditional else 'poll'} variant)")
+
+    def begin(self, stream: int, exit_index: int, batch: int, start_ns: int) -> None:
+        """Enqueues ``trt_exit_begin``."""
+        self.module.launch(BEGIN_KERNEL, stream, 1, BLOCK_THREADS,
+                           [(exit_index, POINTER), (batch, INT32), (start_ns, POINTER)])
+
+    def gate(self, stream: int, params: GateParams, *, confidence: int, output: int,
+             exit_index: int, result_confidence: int, result_output: int, start_ns: int,
+             batch: int, num_outputs: int, flag: int = 0, handle: int = 0) -> None:
+        """Enqueues ``trt_exit_gate`` for one exit (addresses are device pointers)."""
+        if handle and not self.conditional:
+            raise ValueError("the poll variant of the gate cannot set a graph condition")
+        self.module.launch(GATE_KERNEL, stream, 1, BLOCK_THREADS, [
+            (confidence, POINTER), (output, POINTER), (exit_index, POINTER),
+            (result_confidence, POINTER), (result_output, POINTER), (flag, POINTER),
+            (int(handle), UINT64), (start_ns, POINTER),
+            (batch, INT32), (num_outputs, INT32), (params.exit_k, INT32),
+            (int(params.use_threshold), INT32), (float(params.threshold), FLOAT32),
+            (int(params.force), INT32), (int(params.deadline), INT32),
+            (int(params.budget_ns), INT64), (int(params.next_ns), INT64),
+        ])
+
+    def close(self) -> None:
+        self.module.close()
+
+    def __enter__(self) -> "GateKernels":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
