@@ -46,6 +46,11 @@ class ExitResults:
         latency_ms: Wall time of the whole run, in milliseconds.
         all_outputs: With :class:`AllExitsPolicy`: (E, B, K), every exit's output.
         all_confidences: With :class:`AllExitsPolicy`: (E, B), every exit's confidence.
+        strategy: CUDA executor only: how the run was driven (``graph``, ``poll``, ``eager``).
+        host_syncs: CUDA executor only: times the host waited for the GPU during the run.
+        device: CUDA executor only (graph and poll): the same results in the executor's device
+            buffers (``__cuda_array_interface__`` views, valid until its next run), see
+            :class:`trt_exit.runtime.cuda_executor.DeviceResults`.
     """
 
     exit_index: np.ndarray
@@ -55,6 +60,9 @@ class ExitResults:
     latency_ms: float
     all_outputs: np.ndarray | None = None
     all_confidences: np.ndarray | None = None
+    strategy: str | None = None
+    host_syncs: int | None = None
+    device: Any = None
 
     @property
     def prediction(self) -> np.ndarray:
