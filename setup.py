@@ -29,8 +29,12 @@ setup(
     ],
     extras_require={
         # Tests; the timm adapter tests need timm (and with it torchvision).
-        "dev": ["pytest>=8", "timm>=1.0"],
+        "dev": ["pytest>=8", "timm>=1.0", "opencv-python-headless>=4.8"],
         "timm": ["timm>=1.0"],
+        # Live pipelines: video I/O (on a Jetson use JetPack's python3-opencv instead, which has
+        # GStreamer) and microphones (sounddevice needs the PortAudio library: libportaudio2).
+        "video": ["opencv-python-headless>=4.8"],
+        "audio": ["sounddevice>=0.4"],
     },
     entry_points={"console_scripts": ["trt-exit=trt_exit.cli:entrypoint"]},
     classifiers=[
