@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from trt_exit.runtime.cuda.module import (
     FLOAT32,
     INT32,
@@ -117,6 +119,12 @@ extern "C" __global__ void trt_exit_gate(
 """
 
 
+#: Argument types of the kernels, in the order of their parameters in GATE_SOURCE.
+BEGIN_ARG_TYPES = (POINTER, INT32, POINTER)
+GATE_ARG_TYPES = (POINTER, POINTER, POINTER, POINTER, POINTER, POINTER, UINT64, POINTER,
+                  INT32, INT32, INT32, INT32, FLOAT32, INT32, INT32, INT64, INT64)
+
+
 def gate_ptx(arch: int, conditional: bool) -> bytes:
     """PTX of the gate kernels for ``compute_<arch>`` (NVRTC; no GPU needed).
 
@@ -152,6 +160,29 @@ class GateParams:
     next_ns: int = 0
 
 
+def gate_on_host(params: GateParams, confidence: np.ndarray, running: np.ndarray,
+                 over_budget: bool = False) -> np.ndarray:
+    """The gate's decision on the host (the eager strategy, and the kernel's reference).
+
+    Args:
+        params: The exit's gate parameters.
+        confidence: (B,) this exit's confidence.
+        running: (B,) bool, samples that have not exited yet.
+        over_budget: Deadline mode: the next segment and exit no longer fit in the budget.
+
+    Returns:
+        (B,) bool: the samples that take this exit now.
+    """
+    if params.force or (params.deadline and over_budget):
+        done = np.ones(len(confidence), dtype=bool)
+    elif params.use_threshold:
+        with np.errstate(invalid="ignore"):
+            done = confidence >= np.float32(params.threshold)  # NaN >= t is False
+    else:
+        done = np.zeros(len(confidence), dtype=bool)
+    return done & running
+
+
 class GateKernels:
     """The gate kernels loaded on the current GPU.
 
@@ -168,7 +199,7 @@ class GateKernels:
     def begin(self, stream: int, exit_index: int, batch: int, start_ns: int) -> None:
         """Enqueues ``trt_exit_begin``."""
         self.module.launch(BEGIN_KERNEL, stream, 1, BLOCK_THREADS,
-                           [(exit_index, POINTER), (batch, INT32), (start_ns, POINTER)])
+                           list(zip((exit_index, batch, start_ns), BEGIN_ARG_TYPES)))
 
     def gate(self, stream: int, params: GateParams, *, confidence: int, output: int,
              exit_index: int, result_confidence: int, result_output: int, start_ns: int,
@@ -176,15 +207,12 @@ class GateKernels:
         """Enqueues ``trt_exit_gate`` for one exit (addresses are device pointers)."""
         if handle and not self.conditional:
             raise ValueError("the poll variant of the gate cannot set a graph condition")
-        self.module.launch(GATE_KERNEL, stream, 1, BLOCK_THREADS, [
-            (confidence, POINTER), (output, POINTER), (exit_index, POINTER),
-            (result_confidence, POINTER), (result_output, POINTER), (flag, POINTER),
-            (int(handle), UINT64), (start_ns, POINTER),
-            (batch, INT32), (num_outputs, INT32), (params.exit_k, INT32),
-            (int(params.use_threshold), INT32), (float(params.threshold), FLOAT32),
-            (int(params.force), INT32), (int(params.deadline), INT32),
-            (int(params.budget_ns), INT64), (int(params.next_ns), INT64),
-        ])
+        values = [confidence, output, exit_index, result_confidence, result_output, flag,
+                  int(handle), start_ns, batch, num_outputs, params.exit_k,
+                  int(params.use_threshold), float(params.threshold), int(params.force),
+                  int(params.deadline), int(params.budget_ns), int(params.next_ns)]
+        self.module.launch(GATE_KERNEL, stream, 1, BLOCK_THREADS,
+                           list(zip(values, GATE_ARG_TYPES)))
 
     def close(self) -> None:
         self.module.close()

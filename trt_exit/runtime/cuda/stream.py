@@ -33,18 +33,11 @@ class Stream:
 
     def wait(self, event: "Event") -> None:
         """Makes later work on this stream wait for ``event`` (no host wait)."""
-        _, runtime, _ = bindings()
-        check(runtime.cudaStreamWaitEvent(self.handle, event.handle, 0), "cudaStreamWaitEvent")
+        stream_wait(self.handle, event)
 
     def copy(self, dst: int, src: int, size_bytes: int) -> None:
-        """Asynchronous copy of ``size_bytes`` (direction inferred from the pointers: unified
-        addressing); host memory must be pinned for the copy to be asynchronous."""
-        if size_bytes <= 0:
-            return
-        _, runtime, _ = bindings()
-        check(runtime.cudaMemcpyAsync(dst, src, size_bytes,
-                                      runtime.cudaMemcpyKind.cudaMemcpyDefault, self.handle),
-              f"cudaMemcpyAsync({size_bytes} bytes)")
+        """See :func:`copy_async`."""
+        copy_async(self.handle, dst, src, size_bytes)
 
     def close(self) -> None:
         if self.handle:
@@ -97,6 +90,23 @@ class Event:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def copy_async(stream: int, dst: int, src: int, size_bytes: int) -> None:
+    """Enqueues a copy of ``size_bytes`` on ``stream`` (direction inferred from the pointers:
+    unified addressing); host memory must be pinned for the copy to be asynchronous (and to be
+    capturable into a graph)."""
+    if size_bytes <= 0:
+        return
+    _, runtime, _ = bindings()
+    check(runtime.cudaMemcpyAsync(dst, src, size_bytes, runtime.cudaMemcpyKind.cudaMemcpyDefault,
+                                  stream), f"cudaMemcpyAsync({size_bytes} bytes)")
+
+
+def stream_wait(stream: int, event: "Event") -> None:
+    """Makes later work on ``stream`` wait for ``event``'s last record (no host wait)."""
+    _, runtime, _ = bindings()
+    check(runtime.cudaStreamWaitEvent(stream, event.handle, 0), "cudaStreamWaitEvent")
 
 
 def wait_for_producer(consumer: Stream, producer: Any, event: Event) -> None:
