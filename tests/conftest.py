@@ -20,7 +20,8 @@ def digits():
 
 
 #: A few epochs of the tiny test model: enough for exits to differ in confidence.
-TINY_TRAIN = TrainConfig(epochs=6, lr=3e-3, batch_size=64, seed=0, augment_shift_px=0)
+TINY_TRAIN = TrainConfig(epochs=6, lr=1e-2, warmup_epochs=0, weight_decay=0.0, batch_size=64, seed=0,
+                         augment_shift_px=0)
 
 
 @pytest.fixture(scope="session")

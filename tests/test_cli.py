@@ -1,0 +1,110 @@
+"""The command line, as a user runs it: real processes, real files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def trt_exit(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trt_exit", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> Path:
+    """A short demo run (2 epochs): the report format, not the accuracy, is under test here."""
+    out = tmp_path_factory.mktemp("demo") / "run"
+    result = trt_exit("demo", "--out", str(out), "--epochs", "2", "--passes", "1", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "speedup" in result.stdout and "final exit accuracy" in result.stdout
+    return out
+
+
+def test_demo_report_has_every_field(demo_dir):
+    report = json.loads((demo_dir / "report.json").read_text())
+    assert report["backend"] == "onnxruntime" and report["precision"] == "fp32"
+    assert len(report["exits"]) == 4
+    for entry in report["exits"]:
+        assert {"index", "block", "type", "accuracy", "exit_fraction", "latency_ms"} <= set(entry)
+        assert entry["latency_ms"] > 0
+    assert [e["block"] for e in report["exits"]] == [2, 4, 6, 8]
+    assert sum(e["exit_fraction"] for e in report["exits"]) == pytest.approx(1.0)
+    early = report["early_exit"]
+    assert {"accuracy", "mean_latency_ms", "full_latency_ms", "speedup", "thresholds"} <= set(early)
+    assert early["speedup"] == pytest.approx(early["full_latency_ms"] / early["mean_latency_ms"])
+    assert 0.0 <= report["final_accuracy"] <= 1.0
+    assert report["parity_max_abs_diff"] <= 1e-4
+    # the files it evaluated are left beside it, and they verify
+    from trt_exit.manifest import Manifest
+
+    manifest = Manifest.load(demo_dir, verify=True)
+    assert manifest.thresholds() == early["thresholds"]
+    assert (demo_dir / "checkpoint.safetensors").is_file()
+    assert manifest.latency_profile["stages"].keys() == {s.name for s in manifest.stages}
+
+
+def test_run_eval_and_tune_steps_on_the_demo_output(demo_dir, digits, tmp_path):
+    x = tmp_path / "x.npy"
+    np.save(x, digits["test"].inputs["image"][:5])
+    result = trt_exit("run", str(demo_dir), "--input", str(x), "--policy", "fixed:1")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["exit"] for line in lines] == [1] * 5
+    out = tmp_path / "eval.json"
+    result = trt_exit("eval", str(demo_dir), "--passes", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text())["samples"] == 360
+
+
+def _assert_clean_failure(result: subprocess.CompletedProcess, message: str) -> None:
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bad_input_file_fails_cleanly(demo_dir, tmp_path):
+    _assert_clean_failure(trt_exit("run", str(demo_dir), "--input", str(tmp_path / "no.npy")),
+                          "does not exist")
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((2, 1, 8, 8), np.float64))
+    _assert_clean_failure(trt_exit("run", str(demo_dir), "--input", str(wrong)),
+                          "dtype float64")
+    nan = tmp_path / "nan.npy"
+    np.save(nan, np.full((2, 1, 8, 8), np.nan, np.float32))
+    _assert_clean_failure(trt_exit("run", str(demo_dir), "--input", str(nan)), "NaN or Inf")
+    _assert_clean_failure(trt_exit("run", str(demo_dir), "--input", str(wrong), "--policy", "fixed:x"),
+                          "bad policy")
+
+
+def test_damaged_artifacts_fail_cleanly(demo_dir, tmp_path, digits):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(demo_dir, copy)
+    x = tmp_path / "x.npy"
+    np.save(x, digits["test"].inputs["image"][:2])
+    path = copy / "onnx" / "fp32" / "segment_1.onnx"
+    path.write_bytes(path.read_bytes()[:-10])
+    _assert_clean_failure(trt_exit("run", str(copy), "--input", str(x)), "segment_1.onnx does not match")
+    _assert_clean_failure(trt_exit("eval", str(tmp_path / "nowhere")), "no manifest at")
+
+
+def test_unknown_names_fail_cleanly(tmp_path):
+    _assert_clean_failure(trt_exit("train", "--out", str(tmp_path), "--model", "nope"),
+                          "unknown model 'nope'")
+    _assert_clean_failure(trt_exit("train", "--out", str(tmp_path), "--dataset", "nope"),
+                          "unknown dataset 'nope'")
+
+
+def test_help_lists_the_commands():
+    result = trt_exit("--help")
+    assert result.returncode == 0
+    for command in ("demo", "train", "export", "tune", "eval", "run"):
+        assert command in result.stdout
