@@ -108,3 +108,11 @@ def test_help_lists_the_commands():
     assert result.returncode == 0
     for command in ("demo", "train", "export", "tune", "eval", "run"):
         assert command in result.stdout
+
+
+def test_unknown_exit_type_fails_cleanly(tmp_path):
+    _assert_clean_failure(trt_exit("train", "--out", str(tmp_path), "--exits", "2:mlp,4:bogus",
+                                   "--epochs", "1"),
+                          "unknown exit type 'bogus'; known exit types:")
+    _assert_clean_failure(trt_exit("train", "--out", str(tmp_path), "--exits", "two:mlp"),
+                          "bad exit 'two:mlp'")

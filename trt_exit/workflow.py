@@ -42,6 +42,7 @@ class DemoConfig:
 
     Attributes:
         model: Registered model config.
+        exits: Early exits replacing the model's (:class:`~trt_exit.models.ExitSpec` list).
         dataset: Registered dataset.
         dataset_options: Keyword options of the dataset loader (e.g. a directory).
         seed: Seed of the split, the initialization and training.
@@ -54,6 +55,7 @@ class DemoConfig:
     """
 
     model: str = "multi_exit_vit_digits"
+    exits: list | None = None
     dataset: str = "digits"
     dataset_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
@@ -74,8 +76,12 @@ def load_splits(name: str, seed: int, options: dict[str, Any] | None = None) -> 
 
 
 def train_step(out_dir: str | os.PathLike, model: str, dataset: str, train_config: TrainConfig,
-               dataset_options: dict[str, Any] | None = None, progress: bool = True):
+               dataset_options: dict[str, Any] | None = None, progress: bool = True,
+               exits: list | None = None):
     """Trains a registered model on a dataset's train split and saves the checkpoint.
+
+    Args:
+        exits: :class:`~trt_exit.models.ExitSpec` list replacing the model's early exits.
 
     Returns:
         ``(model, splits, history)``.
@@ -87,7 +93,7 @@ def train_step(out_dir: str | os.PathLike, model: str, dataset: str, train_confi
     out_dir = Path(out_dir)
     splits = load_splits(dataset, train_config.seed, dataset_options)
     seed_everything(train_config.seed)
-    net = create_model(model)
+    net = create_model(model, exits=list(exits)) if exits else create_model(model)
     history = train(net, splits["train"], train_config, val_set=splits["val"], progress=progress)
     val_metrics = evaluate(net, splits["val"])
     save_checkpoint(net, out_dir / CHECKPOINT_NAME, extra={
@@ -326,7 +332,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None,
     out_dir.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     net, splits, history = train_step(out_dir, config.model, config.dataset, config.train,
-                                      config.dataset_options, progress)
+                                      config.dataset_options, progress, config.exits)
     torch_metrics = evaluate(net, splits["test"])
     dataset_info = {"name": config.dataset, "seed": config.seed, "options": config.dataset_options,
                     **splits["test"].info}

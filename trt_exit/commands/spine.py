@@ -34,7 +34,25 @@ def _add_train_options(parser: argparse.ArgumentParser, defaults) -> None:
     group.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
     group.add_argument("--batch-size", type=int, default=defaults.batch_size)
     group.add_argument("--seed", type=int, default=0, help="seed of split, init and training")
+    group.add_argument("--exits", help="early exits as BLOCK:TYPE,... (e.g. 2:mlp,4:slvit,6:mlp) "
+                                       "replacing the model's; TYPE is a registered exit family")
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def parse_exits(text: str | None):
+    """``"2:mlp,4:slvit"`` -> ExitSpec list (block count: exit family), or None."""
+    from trt_exit.models import ExitSpec
+
+    if not text:
+        return None
+    specs = []
+    for item in text.split(","):
+        block, _, kind = item.partition(":")
+        try:
+            specs.append(ExitSpec(int(block), kind.strip() or "slvit"))
+        except ValueError:
+            raise ConfigError(f"bad exit {item!r} in --exits; use BLOCK:TYPE, e.g. 2:mlp,4:slvit") from None
+    return specs
 
 
 def _train_config(args: argparse.Namespace, defaults):
@@ -50,6 +68,7 @@ def _demo(args: argparse.Namespace) -> int:
     from trt_exit.workflow import DEMO_TRAIN, DemoConfig, format_report, run_demo
 
     config = DemoConfig(seed=args.seed, train=_train_config(args, DEMO_TRAIN),
+                        exits=parse_exits(args.exits),
                         backend=args.backend, precision=args.precision,
                         max_accuracy_drop_points=args.max_drop, latency_passes=args.passes)
     report = run_demo(args.out, config, progress=not args.no_progress)
@@ -69,7 +88,7 @@ def _train(args: argparse.Namespace) -> int:
     defaults = DEMO_TRAIN if args.model == "multi_exit_vit_digits" else TrainConfig()
     config = _train_config(args, defaults)
     net, splits, history = train_step(args.out, args.model, args.dataset, config,
-                                      progress=not args.no_progress)
+                                      progress=not args.no_progress, exits=parse_exits(args.exits))
     metrics = evaluate(net, splits["val"])
     print(f"trained {args.model} on {args.dataset} in {history.seconds:.0f} s; "
           f"val per exit: {', '.join(f'{m:.4f}' for m in metrics)}")
