@@ -1,0 +1,289 @@
+"""The CUDA executor: exit plans and the no-GPU paths on any machine; the strategies on a GPU.
+
+GPU tests are marked ``gpu`` and skip with the reason when no usable NVIDIA GPU is present. On
+a GPU they check what the issue promises: identical results across graph / poll / eager on
+random inputs with thresholds that send samples out at every exit, one host synchronization
+per inference for graph, device inputs read in place, NaN confidences never exiting early, and
+clear errors for bad input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from trt_exit.errors import ConfigError, CudaUnavailableError, InputError
+from trt_exit.runtime.cuda_executor import create_executor, plan_exits
+from trt_exit.runtime.policies import (
+    AllExitsPolicy,
+    DeadlinePolicy,
+    FixedExitPolicy,
+    ThresholdPolicy,
+)
+
+
+def _gpu_reason() -> str:
+    try:
+        from trt_exit.runtime.cuda.api import cuda_status
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        return f"cuda-python is not installed ({exc})"
+    status = cuda_status()
+    if not status.available:
+        return f"needs an NVIDIA GPU: {status.reason}"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "needs PyTorch with CUDA for the torch backend"
+    return ""
+
+
+GPU_REASON = _gpu_reason()
+needs_gpu = pytest.mark.skipif(bool(GPU_REASON), reason=GPU_REASON or "GPU present")
+no_gpu_only = pytest.mark.skipif(not GPU_REASON, reason="a GPU is present: the no-GPU path "
+                                                        "cannot be observed")
+
+
+# --------------------------------------------------------------------------- plans (any machine)
+
+
+def test_threshold_plan_gates_enabled_exits_and_forces_the_final_head():
+    plan = plan_exits(ThresholdPolicy([0.7, None, 0.9]), 4)
+    assert plan.last == 3
+    assert plan.heads == (True, False, True, True)
+    assert [g is not None for g in plan.gates] == [True, False, True, True]
+    assert plan.gates[0].use_threshold and plan.gates[0].threshold == 0.7
+    assert plan.gates[3].force and not plan.gates[0].force
+
+
+def test_fixed_plan_runs_only_up_to_its_exit():
+    plan = plan_exits(FixedExitPolicy(1), 4)
+    assert plan.last == 1
+    assert plan.heads == (False, True, False, False)
+    assert [g is not None for g in plan.gates] == [False, True, False, False]
+    assert plan.gates[1].force
+    assert plan_exits(FixedExitPolicy(-1), 4).last == 3
+
+
+def test_state_providers_run_their_heads_without_a_gate():
+    # Exit 2 reads exit 1's state (BoF): exit 1's head runs although its exit is disabled.
+    plan = plan_exits(ThresholdPolicy([None, None]), 3, state_providers=[[], [], [1]])
+    assert plan.heads == (False, True, True)
+    assert plan.gates[1] is None
+
+
+def test_deadline_plan_checks_the_budget_at_every_early_exit():
+    latency = {"segment_1": 0.5, "exit_1": 0.25, "segment_2": 1.0, "exit_2": 0.125}
+    policy = DeadlinePolicy([None, 0.8], budget_ms=2.0, stage_latency_ms=latency)
+    policy.validate(3)
+    plan = plan_exits(policy, 3)
+    assert plan.heads == (True, True, True)
+    first, second = plan.gates[0], plan.gates[1]
+    assert first.deadline and not first.use_threshold
+    assert first.budget_ns == 2_000_000 and first.next_ns == 750_000
+    assert second.use_threshold and second.threshold == 0.8 and second.next_ns == 1_125_000
+
+
+def test_plans_differ_exactly_when_graphs_must():
+    assert plan_exits(ThresholdPolicy([0.5]), 2).key() == plan_exits(ThresholdPolicy([0.5]), 2).key()
+    assert plan_exits(ThresholdPolicy([0.5]), 2).key() != plan_exits(ThresholdPolicy([0.6]), 2).key()
+    with pytest.raises(ConfigError):
+        plan_exits(AllExitsPolicy(), 2)
+
+
+# --------------------------------------------------------------------------- no GPU
+
+
+@no_gpu_only
+def test_without_gpu_the_cuda_executor_says_what_to_use(tiny_export):
+    from trt_exit.runtime.cuda_executor import CudaExecutor
+
+    with pytest.raises(CudaUnavailableError, match="Executor\\(manifest, backend='onnxruntime'\\)"):
+        CudaExecutor(tiny_export)
+
+
+@no_gpu_only
+def test_without_gpu_create_executor_falls_back_to_the_host(tiny_export, digits, caplog):
+    from trt_exit.runtime.executor import Executor
+
+    images = digits["test"].inputs["image"][:16]
+    with caplog.at_level("WARNING"):
+        executor = create_executor(tiny_export, "torch", policy=FixedExitPolicy(0))
+    with executor, Executor(tiny_export, policy=FixedExitPolicy(0)) as reference:
+        assert isinstance(executor, Executor) and executor.backend.name == "torch"
+        np.testing.assert_allclose(executor.run(images).output, reference.run(images).output,
+                                   atol=1e-4)
+    assert "no usable GPU" in caplog.text
+    with pytest.raises(CudaUnavailableError):
+        create_executor(tiny_export, fallback=False)
+
+
+# --------------------------------------------------------------------------- on a GPU
+
+STRATEGIES = ("graph", "poll", "eager")
+
+
+@pytest.fixture(scope="module")
+def gpu_executor(tiny_export):
+    from trt_exit.runtime.cuda_executor import CudaExecutor
+
+    with CudaExecutor(tiny_export, "torch", max_batch=16, policy=FixedExitPolicy(-1)) as executor:
+        yield executor
+
+
+@pytest.fixture(scope="module")
+def random_images():
+    return np.random.default_rng(0).normal(size=(16, 1, 8, 8)).astype(np.float32)
+
+
+def _spread_thresholds(confidences: np.ndarray) -> list[float]:
+    """Thresholds that send some samples out at every early exit and leave some for the final
+    head, each at least 1e-4 away from every confidence (no ties decided by rounding)."""
+    n_early = confidences.shape[0] - 1
+    running = np.ones(confidences.shape[1], bool)
+    thresholds = []
+    for k in range(n_early):
+        candidates = np.sort(confidences[k][running])
+        # Between the two middle values: about half the still-running samples exit here.
+        middle = len(candidates) // 2
+        threshold = float((candidates[middle - 1] + candidates[middle]) / 2)
+        assert np.abs(confidences[k] - threshold).min() > 1e-4
+        thresholds.append(threshold)
+        running &= confidences[k] < threshold
+    return thresholds
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_strategies_agree_and_every_exit_is_taken(gpu_executor, random_images):
+    everything = gpu_executor.run(random_images, AllExitsPolicy())
+    policy = ThresholdPolicy(_spread_thresholds(everything.all_confidences))
+    results = {s: gpu_executor.run(random_images, policy, strategy=s) for s in STRATEGIES}
+    assert results["graph"].strategy == "graph", gpu_executor.graph_unavailable()
+    taken = np.bincount(results["eager"].exit_index, minlength=gpu_executor.num_exits)
+    assert (taken > 0).all(), f"thresholds left an exit unused: {taken}"
+    for strategy in ("graph", "poll"):
+        np.testing.assert_array_equal(results[strategy].exit_index, results["eager"].exit_index)
+        np.testing.assert_array_equal(results[strategy].output, results["eager"].output)
+        np.testing.assert_array_equal(results[strategy].confidence, results["eager"].confidence)
+    # Each sample's output is the output of the exit it took.
+    rows = np.arange(len(random_images))
+    np.testing.assert_array_equal(results["graph"].output,
+                                  everything.all_outputs[results["graph"].exit_index, rows])
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_results_match_the_host_executor_on_onnxruntime(gpu_executor, tiny_export, digits):
+    from trt_exit.runtime.executor import Executor
+
+    images = digits["test"].inputs["image"][:16]
+    policy = ThresholdPolicy([0.6, 0.6])
+    with Executor(tiny_export, "onnxruntime", policy=policy) as host:
+        expected = host.run(images)
+        everything = host.run(images, AllExitsPolicy())
+    got = gpu_executor.run(images, policy, strategy="graph")
+    # Samples whose early-exit confidences are all clear of the threshold (ONNX Runtime and
+    # PyTorch on the GPU differ by ~1e-6) must decide the same way.
+    clear = (np.abs(everything.all_confidences[:-1] - 0.6) > 1e-3).all(axis=0)
+    assert clear.sum() >= 8
+    np.testing.assert_array_equal(got.exit_index[clear], expected.exit_index[clear])
+    np.testing.assert_allclose(got.output[clear], expected.output[clear], atol=1e-3)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("exit_k", [0, 1, 2])
+def test_graph_synchronizes_once_per_inference(gpu_executor, random_images, exit_k):
+    policy = FixedExitPolicy(exit_k)
+    gpu_executor.run(random_images[:1], policy, strategy="graph")  # captures
+    for _ in range(3):
+        results = gpu_executor.run(random_images[:1], policy, strategy="graph")
+        assert results.strategy == "graph" and results.host_syncs == 1
+        assert results.exit_index.tolist() == [exit_k]
+    polled = gpu_executor.run(random_images[:1], policy, strategy="poll")
+    assert polled.host_syncs == 1  # a fixed exit needs no decision from the host
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_poll_waits_once_per_early_exit_evaluated(gpu_executor, random_images):
+    never = ThresholdPolicy([1.0, 1.0])  # max-softmax confidence of a random model stays < 1
+    results = gpu_executor.run(random_images[:4], never, strategy="poll")
+    assert (results.exit_index == gpu_executor.num_exits - 1).all()
+    assert results.host_syncs == (gpu_executor.num_exits - 1) + 1
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_device_inputs_are_read_in_place(gpu_executor, random_images):
+    import torch
+
+    on_gpu = torch.from_numpy(random_images).cuda()
+    policy = ThresholdPolicy([0.3, 0.3])
+    for strategy in STRATEGIES:
+        from_host = gpu_executor.run(random_images, policy, strategy=strategy)
+        from_device = gpu_executor.run(on_gpu, policy, strategy=strategy)
+        np.testing.assert_array_equal(from_device.exit_index, from_host.exit_index)
+        np.testing.assert_array_equal(from_device.output, from_host.output)
+    device = gpu_executor.run(on_gpu, policy, strategy="graph").device
+    np.testing.assert_array_equal(torch.as_tensor(device.exit_index, device="cuda").cpu().numpy(),
+                                  from_host.exit_index)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_nan_confidence_never_exits_early(gpu_executor, random_images):
+    import torch
+
+    images = torch.from_numpy(random_images[:4].copy()).cuda()
+    images[1:3] = float("nan")  # device inputs are not scanned for NaN: the model sees them
+    always = ThresholdPolicy([0.0, 0.0])  # every finite confidence exits at exit 0
+    for strategy in STRATEGIES:
+        results = gpu_executor.run(images, always, strategy=strategy)
+        assert results.exit_index.tolist() == [0, 2, 2, 0], strategy
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_deadline_budget_decides_on_the_gpu(gpu_executor, random_images):
+    latency = {name: 1000.0 for name in gpu_executor.runners}  # every stage "takes" 1 s
+    tight = DeadlinePolicy([None, None], budget_ms=1.0, stage_latency_ms=latency)
+    loose = DeadlinePolicy([None, None], budget_ms=1e9, stage_latency_ms=latency)
+    for strategy in STRATEGIES:
+        assert (gpu_executor.run(random_images, tight, strategy=strategy).exit_index == 0).all()
+        assert (gpu_executor.run(random_images, loose, strategy=strategy).exit_index == 2).all()
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_bad_inputs_are_clear_errors(gpu_executor, random_images, tiny_export):
+    import torch
+
+    from trt_exit.runtime.cuda_executor import CudaExecutor
+
+    big = np.zeros((17, 1, 8, 8), np.float32)
+    with pytest.raises(InputError, match="max_batch of 16"):
+        gpu_executor.run(big)
+    with pytest.raises(InputError, match="dtype"):
+        gpu_executor.run(torch.zeros((2, 1, 8, 8), dtype=torch.float64, device="cuda"))
+    with pytest.raises(InputError, match="C-contiguous"):
+        gpu_executor.run(torch.zeros((2, 1, 8, 16), device="cuda")[..., ::2])
+    with pytest.raises(ConfigError, match="in \\[0, 1\\]"):
+        gpu_executor.run(random_images, ThresholdPolicy([1.5, 0.5]))
+    if torch.cuda.device_count() > 1:
+        with pytest.raises(InputError, match="GPU 1"):
+            gpu_executor.run(torch.zeros((2, 1, 8, 8), device="cuda:1"))
+    with pytest.raises(ConfigError, match="strategy"):
+        CudaExecutor(tiny_export, strategy="fast")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_full_model_graph_and_stage_profile(gpu_executor, random_images):
+    full = gpu_executor.run_full_model(random_images[:2], strategy="graph")
+    final = gpu_executor.run(random_images[:2], FixedExitPolicy(-1), strategy="eager")
+    np.testing.assert_allclose(full.output, final.output, atol=1e-4)
+    assert full.host_syncs <= 2
+    profile = gpu_executor.profile_stages(random_images[:1], repeats=5, warmup=2)
+    assert set(profile) == set(gpu_executor.runners)
+    assert all(ms > 0 for ms in profile.values())

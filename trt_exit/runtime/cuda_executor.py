@@ -1,0 +1,873 @@
+"""The CUDA-stream executor: exit decisions on the GPU, one host synchronization per inference.
+
+Stages run as :class:`~trt_exit.runtime.backends.base.DeviceStageRunner` s (the torch backend
+on CUDA, or TensorRT) on one stream, over device buffers allocated once: every tensor name gets
+one buffer of ``max_batch`` rows, so segment k's output buffer *is* segment k+1's input, and
+stages that need scratch memory share one block sized to the largest. After each exit head a
+gate kernel (:mod:`trt_exit.runtime.gate`) decides on the GPU which samples stop there, keeps
+earlier results, and says whether anything is left to run. Three strategies drive the chain:
+
+* ``graph``: the whole chain is one CUDA graph: after each gate a conditional IF node whose body
+  is the rest of the chain (nested), so skipped stages are never even launched. One graph
+  launch and one host synchronization per inference. Needs a CUDA 12.4+ driver.
+* ``poll``: the gate writes its decision to mapped pinned memory; the host waits on an event
+  after each exit before enqueuing the next segment (any CUDA version).
+* ``eager``: the plain host loop: after each exit the confidence and output are copied back and
+  the host decides (:func:`~trt_exit.runtime.gate.gate_on_host`). The reference, and the
+  baseline benchmarks compare against.
+
+``auto`` picks graph where the driver supports conditional nodes, else poll. When a chain
+cannot be captured (a stage that records events or calls host code inside a conditional body,
+for example) the executor logs why and polls instead.
+
+Batches are not compacted on the GPU: the chain continues for the whole batch while any sample
+is still running, and samples that exited keep their earlier result. Results are identical
+across strategies for the same input and policy (deadline decisions depend on time, so they are
+identical only away from the budget).
+
+Inputs are numpy arrays (staged through pinned memory and copied in by the graph), or any
+``__cuda_array_interface__`` object (torch, CuPy, pycuda), read in place: a CUDA graph is bound
+to the addresses it was captured with, so graphs are cached per input address (reuse your input
+buffer to avoid captures). Not thread-safe: one executor per thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trt_exit import tensor_names as tn
+from trt_exit.errors import ConfigError, CudaError, CudaUnavailableError, InputError
+from trt_exit.manifest import Manifest, TensorSpec
+from trt_exit.profiling.nvtx import nvtx_range
+from trt_exit.runtime.backends.base import Backend, DeviceStageRunner
+from trt_exit.runtime.executor import ExitResults, create_backend, default_policy, validate_inputs
+from trt_exit.runtime.gate import GateKernels, GateParams, gate_on_host
+from trt_exit.runtime.policies import (
+    AllExitsPolicy,
+    DeadlinePolicy,
+    FixedExitPolicy,
+    Policy,
+    ThresholdPolicy,
+)
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("graph", "poll", "eager")
+_ALIGN = 256
+
+
+def _aligned(size: int) -> int:
+    return (size + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class ExitPlan:
+    """Which stages a policy runs and what each gate decides.
+
+    Attributes:
+        heads: Per exit: whether its head runs (enabled, or a state provider of one).
+        gates: Per exit: the gate after it, or None where no decision is made there.
+        last: The exit where every remaining sample stops (the final head or a fixed exit);
+            segments after it are not run.
+    """
+
+    heads: tuple[bool, ...]
+    gates: tuple[GateParams | None, ...]
+    last: int
+
+    def key(self) -> tuple:
+        """Hashable identity (a captured graph is specific to it)."""
+        return (self.heads, self.last,
+                tuple(None if g is None else tuple(vars(g).values()) for g in self.gates))
+
+
+def plan_exits(policy: Policy, num_exits: int,
+               state_providers: list[list[int]] | None = None) -> ExitPlan:
+    """The :class:`ExitPlan` of a validated policy (not :class:`AllExitsPolicy`).
+
+    Args:
+        policy: Threshold, deadline or fixed-exit policy, already validated.
+        num_exits: Exits including the final head.
+        state_providers: Per exit, the exits whose state its head reads (BoF histograms).
+
+    Mirrors the host executor: disabled exits' heads are skipped unless a running head reads
+    their state; a deadline runs every head and checks the budget at every early exit.
+    """
+    if isinstance(policy, AllExitsPolicy):
+        raise ConfigError("AllExitsPolicy runs every stage; it has no exit plan")
+    final = num_exits - 1
+    providers = state_providers or [[] for _ in range(num_exits)]
+    deadline = isinstance(policy, DeadlinePolicy)
+    if isinstance(policy, FixedExitPolicy):
+        last = policy.resolve(num_exits)
+    elif isinstance(policy, ThresholdPolicy):
+        last = final
+    else:
+        raise ConfigError(f"the CUDA executor does not know policy {type(policy).__name__}")
+    heads = [deadline or policy.exit_enabled(k, num_exits) for k in range(num_exits)]
+    for k in reversed(range(num_exits)):
+        if heads[k]:
+            for provider in providers[k]:
+                heads[provider] = True
+    gates: list[GateParams | None] = [None] * num_exits
+    gates[last] = GateParams(last, force=True)
+    if isinstance(policy, ThresholdPolicy):
+        latency = policy.stage_latency_ms if deadline else {}
+        for k in range(last):
+            threshold = policy.thresholds[k]
+            if threshold is None and not deadline:
+                continue
+            gate = GateParams(k, use_threshold=threshold is not None,
+                              threshold=1.0 if threshold is None else float(threshold))
+            if deadline:
+                next_ms = latency.get(tn.stage_name(tn.SEGMENT, k + 1), 0.0) + latency.get(
+                    tn.stage_name(tn.EXIT, k + 1), 0.0)
+                gate = GateParams(k, gate.use_threshold, gate.threshold, deadline=True,
+                                  budget_ns=int(round(policy.budget_ms * 1e6)),
+                                  next_ns=int(round(next_ms * 1e6)))
+            gates[k] = gate
+    return ExitPlan(tuple(heads[: last + 1]) + (False,) * (final - last),
+                    tuple(gates), last)
+
+
+@dataclass(frozen=True)
+class DeviceResults:
+    """Results in the executor's device buffers (valid until its next run; owns nothing).
+
+    Each is a ``__cuda_array_interface__`` view: ``torch.as_tensor(r.output, device="cuda")``.
+
+    Attributes:
+        exit_index: (B,) int32.
+        output: (B, K) float32.
+        confidence: (B,) float32.
+    """
+
+    exit_index: Any
+    output: Any
+    confidence: Any
+
+
+# --------------------------------------------------------------------------- the executor
+
+
+class CudaExecutor:
+    """Runs a multi-exit model on the GPU with the exit decisions made on the GPU.
+
+    Args:
+        manifest: A :class:`Manifest` or the path of one.
+        backend: ``"torch"`` (default, CUDA), ``"tensorrt"``, or a :class:`Backend` whose stage
+            runners are :class:`DeviceStageRunner` s.
+        precision: ``"fp32"``, ``"fp16"`` (or ``"int8"`` with TensorRT).
+        policy: Default exit policy (default: the manifest's tuned thresholds).
+        strategy: ``"auto"`` (graph where supported, else poll), ``"graph"``, ``"poll"`` or
+            ``"eager"``.
+        max_batch: Largest batch; buffers are allocated for it once.
+        device: CUDA device ordinal.
+        backend_options: Keyword options of the backend (the torch backend's device defaults to
+            this executor's GPU).
+        graph_cache_size: Captured graphs kept (per policy, batch and input address).
+
+    Raises:
+        CudaUnavailableError: No usable GPU (the message says what to use instead).
+        ConfigError: A stage runner that cannot enqueue on a stream, outputs that are not
+            float32, or a ``max_batch`` above what the runners support.
+    """
+
+    def __init__(self, manifest: Manifest | str | Path, backend: str | Backend = "torch",
+                 precision: str = "fp32", policy: Policy | None = None, strategy: str = "auto",
+                 max_batch: int = 8, device: int = 0,
+                 backend_options: dict[str, Any] | None = None, graph_cache_size: int = 8):
+        from trt_exit.runtime.cuda.api import use_device
+
+        if strategy not in ("auto", *STRATEGIES):
+            raise ConfigError(f"unknown strategy {strategy!r}; choose auto, graph, poll or eager")
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ConfigError(f"max_batch must be a positive int, got {max_batch!r}")
+        self.manifest = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
+        self.device_info = use_device(device)
+        self.device = device
+        self.precision = precision
+        self.max_batch = max_batch
+        self.num_exits = self.manifest.num_exits
+        self.graph_cache_size = max(int(graph_cache_size), 1)
+        self.runners: dict[str, DeviceStageRunner] = {}
+        self._owned: list[Any] = []  # CUDA resources, closed in reverse order
+        self._graphs: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
+        self._graph_failures: dict[tuple, str] = {}
+        self._gates: dict[bool, GateKernels] = {}
+        self._full = None
+        self._syncs = 0
+        self._graph_reason: str | None = None
+        options = dict(backend_options or {})
+        if backend == "torch":
+            options.setdefault("device", f"cuda:{device}")
+        self.backend = create_backend(backend, **options)
+        try:
+            self._open_runners()
+            self._allocate()
+        except BaseException:
+            self.close()
+            raise
+        self.policy = policy or default_policy(self.manifest, precision)
+        self.policy.validate(self.num_exits)
+        self.fallback_reason = ""
+        self.strategy = self._choose_strategy(strategy)
+
+    # ------------------------------------------------------------------ setup
+
+    def _open_runners(self) -> None:
+        for stage in self.manifest.stages:
+            runner = self.backend.open_stage(self.manifest, stage, self.precision)
+            self.runners[stage.name] = runner
+            if not isinstance(runner, DeviceStageRunner):
+                raise ConfigError(
+                    f"backend {self.backend.name!r} runs stages on the host only; the CUDA "
+                    f"executor needs device stage runners (backend 'torch' on CUDA or "
+                    f"'tensorrt'); use trt_exit.runtime.executor.Executor for this backend")
+            limit = getattr(runner, "max_batch", None)
+            if limit is not None and self.max_batch > int(limit):
+                raise ConfigError(
+                    f"max_batch {self.max_batch} exceeds stage {stage.name}'s limit of {limit} "
+                    f"(its engine's optimization profile): rebuild the engines for a larger "
+                    f"batch or lower max_batch")
+        self._state_providers = [
+            [int(t.name.split("_")[1]) for t in self.manifest.exit_stage(k).inputs
+             if t.name.endswith("_state")]
+            for k in range(self.num_exits)
+        ]
+
+    def _specs(self) -> dict[str, TensorSpec]:
+        specs: dict[str, TensorSpec] = {s.name: s for s in self.manifest.inputs}
+        for stage in self.manifest.stages:
+            for spec in [*stage.inputs, *stage.outputs]:
+                known = specs.setdefault(spec.name, spec)
+                if tuple(known.shape[1:]) != tuple(spec.shape[1:]) or known.dtype != spec.dtype:
+                    raise ConfigError(f"{self.manifest.path}: tensor {spec.name} has different "
+                                      f"shapes or dtypes in different stages")
+        return specs
+
+    def _allocate(self) -> None:
+        from trt_exit.runtime.cuda.memory import DeviceBuffer, PinnedBuffer
+        from trt_exit.runtime.cuda.stream import Event, Stream
+
+        mb = self.max_batch
+        self.specs = self._specs()
+        for k in range(self.num_exits):
+            for name in (tn.exit_output(k), tn.exit_confidence(k)):
+                if np.dtype(self.specs[name].dtype) != np.float32:
+                    raise ConfigError(f"{name} is {self.specs[name].dtype}; the gate reads "
+                                      f"float32 outputs and confidences (re-export with fp32 I/O)")
+        shapes = {tuple(self.specs[tn.exit_output(k)].shape[1:]) for k in range(self.num_exits)}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+            raise ConfigError(f"exit outputs have shapes {sorted(shapes)}; the CUDA executor "
+                              f"needs every exit to output (B, K) with the same K")
+        self.num_outputs = int(next(iter(shapes))[0])
+        own = self._own
+        self.stream = own(Stream("executor stream"))
+        self._body_streams: list[Any] = []
+        self._sync_event = own(Event(timing=False))
+        self._producer_event = own(Event(timing=False))
+        self.buffers = {
+            name: own(DeviceBuffer(mb * _sample_bytes(spec), name))
+            for name, spec in self.specs.items()
+        }
+        self._addresses = {name: b.address for name, b in self.buffers.items()}
+        scratch = max((r.scratch_bytes() for r in self.runners.values()), default=0)
+        if scratch > 0:
+            block = own(DeviceBuffer(scratch, "shared scratch"))
+            for runner in self.runners.values():
+                runner.set_scratch(block.address, scratch)
+        # Results: exit index, confidence, output; the same layout on the device and pinned.
+        self._offsets = (0, _aligned(4 * mb), 2 * _aligned(4 * mb))
+        result_bytes = self._offsets[2] + 4 * mb * self.num_outputs
+        self.results_device = own(DeviceBuffer(result_bytes, "results"))
+        self.results_host = own(PinnedBuffer(result_bytes, what="results (host)"))
+        self.start_ns = own(DeviceBuffer(8, "start timestamp"))
+        self.flags = own(PinnedBuffer(4 * self.num_exits, mapped=True, what="poll flags"))
+        self.staging = {spec.name: own(PinnedBuffer(mb * _sample_bytes(spec), what=spec.name))
+                        for spec in self.manifest.inputs}
+        # Per exit: confidence and output copied back (eager strategy, all-exits, full model).
+        per_exit = _aligned(4 * mb) + _aligned(4 * mb * self.num_outputs)
+        self.readback = own(PinnedBuffer(per_exit * self.num_exits, what="per-exit readback"))
+        self._readback_stride = per_exit
+
+    def _own(self, resource):
+        self._owned.append(resource)
+        return resource
+
+    def _body_stream(self, level: int) -> int:
+        """Stream that captures the body of the IF node at nesting ``level`` (1-based)."""
+        from trt_exit.runtime.cuda.stream import Stream
+
+        while len(self._body_streams) < level:
+            self._body_streams.append(self._own(Stream(f"IF body {len(self._body_streams) + 1}")))
+        return self._body_streams[level - 1].handle
+
+    def _gate_kernels(self, conditional: bool) -> GateKernels:
+        if conditional not in self._gates:
+            from trt_exit.runtime.cuda.module import choose_arch
+
+            arch = choose_arch(self.device_info.compute_capability)
+            self._gates[conditional] = GateKernels(arch, conditional)
+        return self._gates[conditional]
+
+    def graph_unavailable(self) -> str:
+        """Why the graph strategy cannot run here ("" if it can)."""
+        if self._graph_reason is None:
+            self._graph_reason = ""
+            if not self.device_info.conditional_nodes:
+                from trt_exit.runtime.cuda.api import format_version
+
+                self._graph_reason = (
+                    f"the driver supports CUDA {format_version(self.device_info.driver_version)}; "
+                    f"conditional graph nodes need 12.4+ (JetPack 6.1+)")
+            else:
+                try:
+                    self._gate_kernels(conditional=True)
+                except CudaError as exc:
+                    self._graph_reason = f"the graph-mode gate kernel does not load: {exc}"
+        return self._graph_reason
+
+    def _choose_strategy(self, requested: str) -> str:
+        if requested in ("poll", "eager"):
+            return requested
+        reason = self.graph_unavailable()
+        if not reason:
+            return "graph"
+        self.fallback_reason = reason
+        level = logging.INFO if requested == "auto" else logging.WARNING
+        log.log(level, "CUDA executor: using the poll strategy instead of graph: %s", reason)
+        return "poll"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Releases graphs, runners, the backend, kernels and every buffer (in that order)."""
+        if getattr(self, "stream", None) is not None and self.stream.handle:
+            with contextlib.suppress(CudaError):
+                self.stream.synchronize()
+        for graph in self._graphs.values():
+            graph.close()
+        self._graphs.clear()
+        if self._full is not None:
+            self._full["runner"].close()
+            for graph in self._full["graphs"].values():
+                graph.close()
+            self._full = None
+        for runner in self.runners.values():
+            runner.close()
+        self.runners.clear()
+        self.backend.close()
+        for kernels in self._gates.values():
+            kernels.close()
+        self._gates.clear()
+        while self._owned:
+            self._owned.pop().close()
+
+    def __enter__(self) -> "CudaExecutor":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ inputs
+
+    def _bind(self, inputs: Any) -> tuple[int, dict[str, int], list[str], list[int]]:
+        """Validates inputs; stages host arrays in pinned memory.
+
+        Returns:
+            ``(batch, addresses, host input names, producer streams to wait for)``.
+        """
+        from trt_exit.runtime.cuda.memory import external_array
+
+        feeds = validate_inputs(self.manifest, inputs, device_arrays=True)
+        batch = 0
+        addresses = dict(self._addresses)
+        host_inputs: list[str] = []
+        producers: list[int] = []
+        for name, value in feeds.items():
+            spec = self.specs[name]
+            if isinstance(value, np.ndarray):
+                rows = value.shape[0]
+            else:
+                array = external_array(name, value, self.device)
+                rows = array.shape[0]
+                if array.dtype != np.dtype(spec.dtype):
+                    raise InputError(f"input {name!r} has dtype {array.dtype}, expected "
+                                     f"{spec.dtype}")
+            if rows > self.max_batch:
+                raise InputError(
+                    f"input {name!r} has a batch of {rows}, more than this executor's max_batch "
+                    f"of {self.max_batch} (its buffers and engines are sized for that): split "
+                    f"the batch, or create the executor with max_batch={rows}")
+            batch = rows
+            if isinstance(value, np.ndarray):
+                np.copyto(self.staging[name].array(value.shape, value.dtype), value)
+                host_inputs.append(name)
+            else:
+                addresses[name] = array.address
+                if array.stream is not None:
+                    producers.append(array.stream)
+        return batch, addresses, host_inputs, producers
+
+    def _wait_for_producers(self, producers: list[int]) -> None:
+        from trt_exit.runtime.cuda.stream import wait_for_producer
+
+        for producer in producers:
+            wait_for_producer(self.stream, producer, self._producer_event)
+
+    # ------------------------------------------------------------------ enqueue helpers
+
+    def _copy_inputs(self, stream: int, host_inputs: list[str], batch: int) -> None:
+        from trt_exit.runtime.cuda.stream import copy_async
+
+        with nvtx_range("copy_inputs", "copy"):
+            for name in host_inputs:
+                copy_async(stream, self._addresses[name], self.staging[name].address,
+                           batch * _sample_bytes(self.specs[name]))
+
+    def _stage(self, name: str, stream: int, addresses: dict[str, int], batch: int) -> None:
+        with nvtx_range(name):
+            self.runners[name].enqueue(stream, addresses, batch)
+
+    def _result_address(self, which: int) -> int:
+        return self.results_device.address + self._offsets[which]
+
+    def _begin(self, kernels: GateKernels, stream: int, batch: int) -> None:
+        with nvtx_range("gate_begin", "gate"):
+            kernels.begin(stream, self._result_address(0), batch, self.start_ns.address)
+
+    def _gate(self, kernels: GateKernels, stream: int, params: GateParams, batch: int,
+              flag: int = 0, handle: int = 0) -> None:
+        k = params.exit_k
+        with nvtx_range(f"gate_{k}", "gate"):
+            kernels.gate(stream, params, confidence=self._addresses[tn.exit_confidence(k)],
+                         output=self._addresses[tn.exit_output(k)],
+                         exit_index=self._result_address(0),
+                         result_confidence=self._result_address(1),
+                         result_output=self._result_address(2), start_ns=self.start_ns.address,
+                         batch=batch, num_outputs=self.num_outputs, flag=flag, handle=handle)
+
+    def _copy_results(self, stream: int, batch: int) -> None:
+        from trt_exit.runtime.cuda.stream import copy_async
+
+        # One copy: exit index and confidence regions are max_batch long, the output's first
+        # `batch` rows follow them.
+        with nvtx_range("copy_results", "copy"):
+            copy_async(stream, self.results_host.address, self.results_device.address,
+                       self._offsets[2] + 4 * batch * self.num_outputs)
+
+    def _readback(self, stream: int, k: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Enqueues copying exit k's confidence and output to pinned memory; returns the host
+        views (valid after the next synchronization)."""
+        from trt_exit.runtime.cuda.stream import copy_async
+
+        base = k * self._readback_stride
+        out_offset = base + _aligned(4 * self.max_batch)
+        with nvtx_range(f"copy_exit_{k}", "copy"):
+            copy_async(stream, self.readback.address + base,
+                       self._addresses[tn.exit_confidence(k)], 4 * batch)
+            copy_async(stream, self.readback.address + out_offset,
+                       self._addresses[tn.exit_output(k)], 4 * batch * self.num_outputs)
+        return (self.readback.array((batch,), np.float32, base),
+                self.readback.array((batch, self.num_outputs), np.float32, out_offset))
+
+    def _synchronize(self) -> None:
+        """The host waits for the stream (counted: :attr:`ExitResults.host_syncs`)."""
+        self._syncs += 1
+        with nvtx_range("synchronize", "copy"):
+            self._sync_event.record(self.stream).synchronize()
+
+    def _host_results(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        host = self.results_host
+        return (host.array((batch,), np.int32, self._offsets[0]).copy(),
+                host.array((batch, self.num_outputs), np.float32, self._offsets[2]).copy(),
+                host.array((batch,), np.float32, self._offsets[1]).copy())
+
+    def _device_results(self, batch: int) -> DeviceResults:
+        buf = self.results_device
+        return DeviceResults(buf.view((batch,), np.int32, self._offsets[0]),
+                             buf.view((batch, self.num_outputs), np.float32, self._offsets[2]),
+                             buf.view((batch,), np.float32, self._offsets[1]))
+
+    # ------------------------------------------------------------------ running
+
+    def plan(self, policy: Policy | None = None) -> ExitPlan:
+        """The exit plan of ``policy`` (default: the executor's)."""
+        return plan_exits(policy or self.policy, self.num_exits, self._state_providers)
+
+    def run(self, inputs: Any, policy: Policy | None = None,
+            strategy: str | None = None) -> ExitResults:
+        """Runs one batch.
+
+        Args:
+            inputs: One array (B, ...) or a dict by input name: numpy (float32), or
+                ``__cuda_array_interface__`` objects on this executor's GPU (read in place).
+            policy: Overrides the executor's policy for this run.
+            strategy: Overrides the executor's strategy for this run (``graph`` falls back to
+                ``poll`` where graphs are not available, with the reason logged).
+
+        Returns:
+            Per-sample results; ``strategy`` and ``host_syncs`` say how the run went.
+        """
+        strategy = self._strategy(strategy)
+        policy = policy or self.policy
+        if policy is not self.policy:
+            policy.validate(self.num_exits)
+        syncs_before = self._syncs
+        began = time.perf_counter()
+        with nvtx_range(f"infer_{strategy}", "full"):
+            batch, addresses, host_inputs, producers = self._bind(inputs)
+            if isinstance(policy, AllExitsPolicy):
+                results = self._run_all(batch, addresses, host_inputs, producers)
+                strategy = "eager"
+            else:
+                plan = self.plan(policy)
+                if strategy == "graph":
+                    results = self._run_graph(plan, batch, addresses, host_inputs, producers)
+                    if results is None:
+                        strategy = "poll"
+                if strategy == "poll":
+                    results = self._run_poll(plan, batch, addresses, host_inputs, producers)
+                elif strategy == "eager":
+                    results = self._run_eager(plan, batch, addresses, host_inputs, producers,
+                                              began)
+        results.latency_ms = (time.perf_counter() - began) * 1e3
+        results.strategy = strategy
+        results.host_syncs = self._syncs - syncs_before
+        return results
+
+    def _strategy(self, strategy: str | None) -> str:
+        if strategy is None:
+            return self.strategy
+        if strategy == "auto":
+            return self.strategy
+        if strategy not in STRATEGIES:
+            raise ConfigError(f"unknown strategy {strategy!r}; choose auto, graph, poll or eager")
+        if strategy == "graph" and self.graph_unavailable():
+            log.warning("CUDA executor: graph strategy unavailable (%s); polling",
+                        self.graph_unavailable())
+            return "poll"
+        return strategy
+
+    def _results(self, batch: int, with_device: bool) -> ExitResults:
+        exit_index, output, confidence = self._host_results(batch)
+        return ExitResults(exit_index, output, confidence, self.manifest.task, 0.0,
+                           device=self._device_results(batch) if with_device else None)
+
+    # graph ----------------------------------------------------------------
+
+    def _run_graph(self, plan: ExitPlan, batch: int, addresses: dict[str, int],
+                   host_inputs: list[str], producers: list[int]) -> ExitResults | None:
+        """One graph launch, one synchronization; None if the chain cannot be captured."""
+        from trt_exit.runtime.cuda.graph import CaptureError
+
+        bound = tuple((s.name, addresses[s.name]) for s in self.manifest.inputs)
+        key = (plan.key(), batch, bound, tuple(host_inputs))
+        graph = self._graphs.get(key)
+        if graph is None:
+            if plan.key() in self._graph_failures:
+                return None
+            try:
+                graph = self._capture(plan, batch, addresses, host_inputs)
+            except CaptureError as exc:
+                self._graph_failures[plan.key()] = str(exc)
+                log.warning("CUDA executor: the exit chain could not be captured as a CUDA "
+                            "graph (%s); polling for this policy instead", exc)
+                return None
+            self._remember(self._graphs, key, graph)
+        else:
+            self._graphs.move_to_end(key)
+        self._wait_for_producers(producers)
+        with nvtx_range("graph_launch"):
+            graph.launch(self.stream.handle)
+        self._synchronize()
+        return self._results(batch, with_device=True)
+
+    def _remember(self, cache: collections.OrderedDict, key: tuple, graph: Any) -> None:
+        cache[key] = graph
+        while len(cache) > self.graph_cache_size:
+            _, old = cache.popitem(last=False)
+            old.close()  # not in flight: every run ends with a synchronization
+
+    def _warm_up(self, plan: ExitPlan, batch: int, addresses: dict[str, int],
+                 streams: list[int]) -> None:
+        """Runs the plan's stages once on every stream the capture will use, so that lazy
+        allocations (TensorRT's first run, PyTorch's per-stream workspaces) happen before
+        capturing, not during it."""
+        from trt_exit.runtime.cuda.stream import stream_wait
+
+        main = self.stream.handle
+        for stream in streams:  # one after another: each waits for the previous one
+            self._sync_event.record(main)
+            stream_wait(stream, self._sync_event)
+            for k in range(plan.last + 1):
+                self._stage(tn.stage_name(tn.SEGMENT, k), stream, addresses, batch)
+                if plan.heads[k]:
+                    self._stage(tn.stage_name(tn.EXIT, k), stream, addresses, batch)
+            self._sync_event.record(stream)
+            stream_wait(main, self._sync_event)
+        self._synchronize()
+
+    def _capture(self, plan: ExitPlan, batch: int, addresses: dict[str, int],
+                 host_inputs: list[str]) -> Any:
+        from trt_exit.runtime.cuda.graph import GraphCapture
+
+        kernels = self._gate_kernels(conditional=True)
+        main = self.stream.handle
+        levels = sum(1 for k in range(plan.last) if plan.gates[k] is not None)
+        streams = [main] + [self._body_stream(level) for level in range(1, levels + 1)]
+        self._copy_inputs(main, host_inputs, batch)
+        self._warm_up(plan, batch, addresses, streams)
+        with GraphCapture(main, what=f"exit chain (batch {batch})") as capture:
+            self._begin(kernels, main, batch)
+            self._copy_inputs(main, host_inputs, batch)
+            with contextlib.ExitStack() as bodies:
+                stream, level = main, 0
+                for k in range(plan.last + 1):
+                    self._stage(tn.stage_name(tn.SEGMENT, k), stream, addresses, batch)
+                    if plan.heads[k]:
+                        self._stage(tn.stage_name(tn.EXIT, k), stream, addresses, batch)
+                    gate = plan.gates[k]
+                    if gate is None:
+                        continue
+                    if k == plan.last:
+                        self._gate(kernels, stream, gate, batch)
+                        break
+                    handle = capture.conditional_handle(stream)
+                    self._gate(kernels, stream, gate, batch, handle=int(handle))
+                    level += 1
+                    stream = bodies.enter_context(
+                        capture.if_body(stream, handle, streams[level]))
+            self._copy_results(main, batch)
+        graph = capture.instantiate()
+        graph.upload(main)
+        return graph
+
+    # poll -----------------------------------------------------------------
+
+    def _run_poll(self, plan: ExitPlan, batch: int, addresses: dict[str, int],
+                  host_inputs: list[str], producers: list[int]) -> ExitResults:
+        kernels = self._gate_kernels(conditional=False)
+        main = self.stream.handle
+        flags = self.flags.array((self.num_exits,), np.uint32)
+        self._wait_for_producers(producers)
+        self._begin(kernels, main, batch)
+        self._copy_inputs(main, host_inputs, batch)
+        for k in range(plan.last + 1):
+            self._stage(tn.stage_name(tn.SEGMENT, k), main, addresses, batch)
+            if plan.heads[k]:
+                self._stage(tn.stage_name(tn.EXIT, k), main, addresses, batch)
+            gate = plan.gates[k]
+            if gate is None:
+                continue
+            if k == plan.last:
+                self._gate(kernels, main, gate, batch)
+                break
+            self._gate(kernels, main, gate, batch, flag=self.flags.device_address + 4 * k)
+            self._synchronize()
+            if not flags[k]:
+                break
+        self._copy_results(main, batch)
+        self._synchronize()
+        return self._results(batch, with_device=True)
+
+    # eager ----------------------------------------------------------------
+
+    def _run_eager(self, plan: ExitPlan, batch: int, addresses: dict[str, int],
+                   host_inputs: list[str], producers: list[int], began: float) -> ExitResults:
+        main = self.stream.handle
+        self._wait_for_producers(producers)
+        self._copy_inputs(main, host_inputs, batch)
+        exit_index = np.full(batch, -1, np.int32)
+        output = np.zeros((batch, self.num_outputs), np.float32)
+        confidence = np.zeros(batch, np.float32)
+        running = np.ones(batch, dtype=bool)
+        for k in range(plan.last + 1):
+            self._stage(tn.stage_name(tn.SEGMENT, k), main, addresses, batch)
+            if plan.heads[k]:
+                self._stage(tn.stage_name(tn.EXIT, k), main, addresses, batch)
+            gate = plan.gates[k]
+            if gate is None:
+                continue
+            conf_k, out_k = self._readback(main, k, batch)
+            self._synchronize()
+            over = gate.deadline and (
+                (time.perf_counter() - began) * 1e9 + gate.next_ns > gate.budget_ns)
+            done = gate_on_host(gate, conf_k, running, over)
+            exit_index[done] = k
+            output[done] = out_k[done]
+            confidence[done] = conf_k[done]
+            running &= ~done
+            if not running.any():
+                break
+        return ExitResults(exit_index, output, confidence, self.manifest.task, 0.0)
+
+    # all exits ------------------------------------------------------------
+
+    def _run_all(self, batch: int, addresses: dict[str, int], host_inputs: list[str],
+                 producers: list[int]) -> ExitResults:
+        main = self.stream.handle
+        self._wait_for_producers(producers)
+        self._copy_inputs(main, host_inputs, batch)
+        views = []
+        for k in range(self.num_exits):
+            self._stage(tn.stage_name(tn.SEGMENT, k), main, addresses, batch)
+            self._stage(tn.stage_name(tn.EXIT, k), main, addresses, batch)
+            views.append(self._readback(main, k, batch))
+        self._synchronize()
+        confidences = np.stack([c.copy() for c, _ in views])
+        outputs = np.stack([o.copy() for _, o in views])
+        final = self.num_exits - 1
+        return ExitResults(np.full(batch, final, np.int32), outputs[-1].copy(),
+                           confidences[-1].copy(), self.manifest.task, 0.0, outputs, confidences)
+
+    # ------------------------------------------------------------------ baseline and profile
+
+    def run_full_model(self, inputs: Any, strategy: str | None = None) -> ExitResults:
+        """Runs the no-exit baseline (backbone and final head as one stage), as one CUDA graph
+        with ``strategy="graph"`` (the default where graphs work), else enqueued directly."""
+        from trt_exit.runtime.cuda.graph import CaptureError, GraphCapture
+
+        strategy = self._strategy(strategy)
+        if self._full is None:
+            runner = self.backend.open_full_model(self.manifest, self.precision)
+            if not isinstance(runner, DeviceStageRunner):
+                runner.close()
+                raise ConfigError(f"backend {self.backend.name!r} cannot enqueue the full model")
+            self._full = {"runner": runner, "graphs": collections.OrderedDict(), "failed": ""}
+        runner = self._full["runner"]
+        syncs_before = self._syncs
+        began = time.perf_counter()
+        batch, addresses, host_inputs, producers = self._bind(inputs)
+        final = self.num_exits - 1
+        main = self.stream.handle
+
+        def enqueue(stream: int) -> None:
+            self._copy_inputs(stream, host_inputs, batch)
+            with nvtx_range("full"):
+                runner.enqueue(stream, addresses, batch)
+
+        used = "eager"
+        if strategy == "graph" and not self._full["failed"]:
+            bound = tuple((s.name, addresses[s.name]) for s in self.manifest.inputs)
+            key = (batch, bound, tuple(host_inputs))
+            graph = self._full["graphs"].get(key)
+            if graph is None:
+                try:
+                    enqueue(main)  # warm-up outside the capture
+                    self._synchronize()
+                    with GraphCapture(main, what="full model") as capture:
+                        enqueue(main)
+                    graph = capture.instantiate()
+                    self._remember(self._full["graphs"], key, graph)
+                except CaptureError as exc:
+                    self._full["failed"] = str(exc)
+                    log.warning("CUDA executor: the full model could not be captured (%s)", exc)
+            if graph is not None:
+                self._wait_for_producers(producers)
+                graph.launch(main)
+                used = "graph"
+        if used == "eager":
+            self._wait_for_producers(producers)
+            enqueue(main)
+        confidence, output = self._readback(main, final, batch)
+        self._synchronize()
+        return ExitResults(np.full(batch, final, np.int32), output.copy(), confidence.copy(),
+                           self.manifest.task, (time.perf_counter() - began) * 1e3,
+                           strategy=used, host_syncs=self._syncs - syncs_before)
+
+    def profile_stages(self, inputs: Any, repeats: int = 100, warmup: int = 10) -> dict[str, float]:
+        """Each stage's own GPU time (median ms), timed alone with CUDA events.
+
+        Each stage is captured into a graph of its own where possible, so the time is the GPU
+        work without host launch gaps; otherwise its direct enqueue is timed. The chain is first
+        run once on ``inputs`` so every stage reads real values.
+        """
+        from trt_exit.runtime.cuda.graph import CaptureError, GraphCapture
+        from trt_exit.runtime.cuda.stream import Event
+
+        self.run(inputs, AllExitsPolicy())
+        batch, addresses, _, _ = self._bind(inputs)
+        main = self.stream.handle
+        times: dict[str, float] = {}
+        with Event(timing=True) as start, Event(timing=True) as end:
+            for stage in self.manifest.stages:
+                runner = self.runners[stage.name]
+                graph = None
+                try:
+                    with GraphCapture(main, what=stage.name) as capture:
+                        runner.enqueue(main, addresses, batch)
+                    graph = capture.instantiate()
+                except CaptureError as exc:
+                    log.info("profiling %s without a graph: %s", stage.name, exc)
+
+                def launch() -> None:
+                    if graph is not None:
+                        graph.launch(main)
+                    else:
+                        runner.enqueue(main, addresses, batch)
+
+                samples = []
+                try:
+                    for i in range(warmup + repeats):
+                        start.record(main)
+                        launch()
+                        end.record(main)
+                        end.synchronize()
+                        if i >= warmup:
+                            samples.append(end.elapsed_ms(start))
+                finally:
+                    if graph is not None:
+                        graph.close()
+                times[stage.name] = float(np.median(samples))
+        return times
+
+    def describe(self) -> dict[str, Any]:
+        """Device, backend and strategy, for reports."""
+        return {"executor": "cuda", "strategy": self.strategy,
+                "fallback_reason": self.fallback_reason, "max_batch": self.max_batch,
+                "device": self.device_info.to_dict(), **self.backend.describe()}
+
+
+def _sample_bytes(spec: TensorSpec) -> int:
+    return int(math.prod(spec.shape[1:])) * np.dtype(spec.dtype).itemsize
+
+
+def create_executor(manifest: Manifest | str | Path, backend: str = "torch",
+                    precision: str = "fp32", policy: Policy | None = None,
+                    strategy: str = "auto", fallback: bool = True, **options: Any):
+    """The CUDA executor where a GPU is usable, else (with ``fallback``) the host executor.
+
+    Without a GPU the reason is logged and the host :class:`~trt_exit.runtime.executor.Executor`
+    runs the same model with ONNX Runtime (``tensorrt`` requested) or torch on the CPU
+    (``torch`` requested), under the same policy.
+
+    Raises:
+        CudaUnavailableError: No GPU and ``fallback`` is False.
+    """
+    from trt_exit.runtime.cuda.api import cuda_status
+    from trt_exit.runtime.executor import Executor
+
+    status = cuda_status()
+    if status.available:
+        return CudaExecutor(manifest, backend, precision, policy, strategy, **options)
+    if not fallback:
+        raise CudaUnavailableError(f"{status.reason}; the CUDA executor needs an NVIDIA GPU")
+    host_backend = "torch" if backend == "torch" else "onnxruntime"
+    backend_options = {"device": "cpu"} if host_backend == "torch" else {}
+    log.warning("no usable GPU (%s): running on the CPU with the host executor (%s backend)",
+                status.reason, host_backend)
+    return Executor(manifest, host_backend, precision, policy, backend_options=backend_options)
