@@ -31,6 +31,8 @@ setup(
         # Tests; the timm adapter tests need timm (and with it torchvision).
         "dev": ["pytest>=8", "timm>=1.0", "opencv-python-headless>=4.8"],
         "timm": ["timm>=1.0"],
+        # The CUDA executor: cuda-python (with NVRTC) and NVTX ranges for Nsight Systems.
+        "cuda": ["cuda-bindings[all]>=12.6", "nvtx>=0.2"],
         # Live pipelines: video I/O (on a Jetson use JetPack's python3-opencv instead, which has
         # GStreamer) and microphones (sounddevice needs the PortAudio library: libportaudio2).
         "video": ["opencv-python-headless>=4.8"],
