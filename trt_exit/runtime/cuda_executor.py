@@ -213,6 +213,8 @@ class CudaExecutor:
         options = dict(backend_options or {})
         if backend == "torch":
             options.setdefault("device", f"cuda:{device}")
+        elif backend == "tensorrt":
+            options.setdefault("device", device)
         self.backend = create_backend(backend, **options)
         try:
             self._open_runners()
