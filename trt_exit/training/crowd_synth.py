@@ -15,17 +15,18 @@ crowds. Degradations, where audio should help (DISCO's premise):
 
 * ``dark``: brightness scaled to 6-15 %, desaturated, with sensor noise (sigma 3-8 levels);
 * ``blur``: Gaussian blur of 2.5-4 px (at 96 px height), merging heads into blobs;
-* ``occluded``: one or two foreground occluders (a wall or a vehicle) hiding 40-70 % of the
-  ground, where people may or may not stand.
+* ``occluded``: one or two foreground occluders (walls, vehicles) covering 40-70 % of the
+  image width from above the horizon down, where people may or may not stand.
 
 **Sound.** Each talking person is a voice: a harmonic tone (fundamental 90-280 Hz, six
 harmonics with 1/h amplitudes, read from a wavetable) under a syllable envelope (3-6 bursts a
-second); louder when nearer. A random 60 % of the people talk in a given second (binomial), so
-the number of voices is a noisy function of the count; with few voices the sound is a few
-distinct lines that come and go, with many it becomes a dense, steady babble, so loudness *and*
-texture grow with the count. Ambient noise at a random level (white, -46 to -30 dBFS), a random
-microphone gain of +-3 dB and, now and then, a horn-like distractor tone that has nothing to do
-with the crowd keep audio-only counting honest. Samples are float32 in [-1, 1], clipped.
+second); louder when nearer. Each scene draws how lively its crowd is (30-90 % of the people
+talk in a given second) and then who talks (binomial), so the number of voices is a noisy
+function of the count. With few voices the sound is a few distinct lines that come and go;
+with many it becomes a dense, steady babble: loudness *and* texture grow with the count.
+Ambient noise at a random level (white, -46 to -30 dBFS), a random microphone gain of +-3 dB
+and, now and then, a horn-like distractor tone that has nothing to do with the crowd keep
+audio-only counting honest. Samples are float32 in [-1, 1], clipped.
 
 **Streams.** :class:`SyntheticCrowdStream` is a never-ending scene for live pipelines: a fixed
 pool of people (seeded) of whom the first ``count(t)`` are present; the count follows a smooth
@@ -63,6 +64,8 @@ class CrowdSceneConfig:
         window_s: Seconds of audio per scene (the window ending at the frame).
         max_count: Largest number of people in a scene.
         talk_fraction: Expected fraction of the people talking in a given second.
+        talk_fraction_spread: Scenes draw their talking fraction uniformly from
+            ``talk_fraction +- talk_fraction_spread`` (quiet and lively crowds).
         voice_level: Peak amplitude of one voice at mid distance (before the microphone gain).
         noise_dbfs_range: Ambient white-noise level range (RMS, dB full scale).
         mic_gain_db: Random microphone gain per scene, uniform in +-this many dB.
@@ -77,6 +80,7 @@ class CrowdSceneConfig:
     window_s: float = 1.0
     max_count: int = 40
     talk_fraction: float = 0.6
+    talk_fraction_spread: float = 0.3
     voice_level: float = 0.05
     noise_dbfs_range: tuple[float, float] = (-46.0, -30.0)
     mic_gain_db: float = 3.0
@@ -230,7 +234,7 @@ def _background(rng: np.random.Generator, config: CrowdSceneConfig) -> np.ndarra
 
 
 def _occlude(image: np.ndarray, rng: np.random.Generator, config: CrowdSceneConfig) -> None:
-    """One or two foreground occluders hiding 40-70 % of the ground, in place."""
+    """One or two foreground occluders covering 40-70 % of the width, in place."""
     height, width = config.image_size
     rows, cols = _grid(height, width)
     horizon = config.horizon_frac * height
@@ -363,7 +367,9 @@ def render_scene(count: int, rng: np.random.Generator,
     image = _finish(image, rng)
 
     samples = config.window_samples
-    talking = (rng.random(count) < config.talk_fraction).astype(np.float32)
+    fraction = np.clip(config.talk_fraction + rng.uniform(-1, 1) * config.talk_fraction_spread,
+                       0.0, 1.0)
+    talking = (rng.random(count) < fraction).astype(np.float32)
     start_s = float(rng.uniform(0, 1000))  # random absolute time: random envelope phases
     audio = config.voice_level * _voices(people, start_s, samples, config.sample_rate, talking)
     noise_db = rng.uniform(*config.noise_dbfs_range)

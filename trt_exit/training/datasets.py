@@ -111,3 +111,8 @@ def load_dataset(name: str, seed: int = 0, **kwargs: Any) -> dict[str, Dataset]:
     if name not in _LOADERS:
         raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(dataset_names())}")
     return _LOADERS[name](seed=seed, **kwargs)
+
+
+# Dataset families in their own modules register themselves when imported (at the end, so that
+# they can import Dataset and register_dataset from here).
+from trt_exit.training import audio_datasets, crowd_datasets  # noqa: E402,F401  isort: skip

@@ -13,6 +13,7 @@ from trt_exit.models.exits.base import (
 
 # Importing a family registers it.
 from trt_exit.models.exits import head, mlp, slvit  # noqa: E402,F401  isort: skip
+from trt_exit.models.exits import av_slvit  # noqa: E402,F401  isort: skip
 from trt_exit.models.exits import bof, cnn, mixer, resmlp, slvit_cnn, vitee  # noqa: E402,F401  isort: skip
 
 __all__ = [
