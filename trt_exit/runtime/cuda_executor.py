@@ -215,6 +215,8 @@ class CudaExecutor:
             options.setdefault("device", f"cuda:{device}")
         elif backend == "tensorrt":
             options.setdefault("device", device)
+        self.policy = policy or default_policy(self.manifest, precision)
+        self.policy.validate(self.num_exits)
         self.backend = create_backend(backend, **options)
         try:
             self._open_runners()
@@ -222,8 +224,6 @@ class CudaExecutor:
         except BaseException:
             self.close()
             raise
-        self.policy = policy or default_policy(self.manifest, precision)
-        self.policy.validate(self.num_exits)
         self.fallback_reason = ""
         self.strategy = self._choose_strategy(strategy)
 
@@ -286,11 +286,12 @@ class CudaExecutor:
             for name, spec in self.specs.items()
         }
         self._addresses = {name: b.address for name, b in self.buffers.items()}
+        self._scratch = None
         scratch = max((r.scratch_bytes() for r in self.runners.values()), default=0)
         if scratch > 0:
-            block = own(DeviceBuffer(scratch, "shared scratch"))
+            self._scratch = own(DeviceBuffer(scratch, "shared scratch"))
             for runner in self.runners.values():
-                runner.set_scratch(block.address, scratch)
+                runner.set_scratch(self._scratch.address, scratch)
         # Results: exit index, confidence, output; the same layout on the device and pinned.
         self._offsets = (0, _aligned(4 * mb), 2 * _aligned(4 * mb))
         result_bytes = self._offsets[2] + 4 * mb * self.num_outputs
@@ -749,6 +750,7 @@ class CudaExecutor:
             if not isinstance(runner, DeviceStageRunner):
                 runner.close()
                 raise ConfigError(f"backend {self.backend.name!r} cannot enqueue the full model")
+            self._share_scratch(runner)
             self._full = {"runner": runner, "graphs": collections.OrderedDict(), "failed": ""}
         runner = self._full["runner"]
         syncs_before = self._syncs
@@ -790,6 +792,18 @@ class CudaExecutor:
         return ExitResults(np.full(batch, final, np.int32), output.copy(), confidence.copy(),
                            self.manifest.task, (time.perf_counter() - began) * 1e3,
                            strategy=used, host_syncs=self._syncs - syncs_before)
+
+    def _share_scratch(self, runner: DeviceStageRunner) -> None:
+        """Hands ``runner`` the shared scratch block, or a block of its own if it needs more."""
+        from trt_exit.runtime.cuda.memory import DeviceBuffer
+
+        need = runner.scratch_bytes()
+        if need <= 0:
+            return
+        block = self._scratch
+        if block is None or block.size_bytes < need:
+            block = self._own(DeviceBuffer(need, f"{runner.name} scratch"))
+        runner.set_scratch(block.address, block.size_bytes)
 
     def profile_stages(self, inputs: Any, repeats: int = 100, warmup: int = 10) -> dict[str, float]:
         """Each stage's own GPU time (median ms), timed alone with CUDA events.

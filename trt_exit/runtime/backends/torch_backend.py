@@ -36,6 +36,10 @@ def _torch():
     return torch
 
 
+#: Cached tensor views of executor buffers per runner (by name, address and batch).
+_MAX_VIEWS = 256
+
+
 class _Interface:
     """A device pointer with ``__cuda_array_interface__``, for ``torch.as_tensor``."""
 
@@ -109,6 +113,8 @@ class TorchStageRunner(DeviceStageRunner):
         key = (spec.name, address, batch)
         view = self._views.get(key)
         if view is None:
+            if len(self._views) >= _MAX_VIEWS:  # callers' input buffers come and go
+                self._views.clear()
             torch = _torch()
             shape = (batch, *spec.per_sample_shape())
             typestr = np.dtype(spec.dtype).str
