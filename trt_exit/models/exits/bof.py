@@ -31,7 +31,8 @@ rule as a confidence in [0, 1) so the normal threshold machinery applies unchang
 Our other choices: a LayerNorm on the local features first; codebook of ``codewords`` (default
 64) vectors initialized from a unit normal, or from real features with
 :func:`init_codebooks_from_data` (the paper initializes with k-means; a random sample of
-features is the cheap version); the shared classifier is one linear layer; the class token of a
+features is the cheap version); the shared classifier is a LayerNorm over the histogram and one
+linear layer (see :class:`SharedClassifier`); the class token of a
 ViT is not a local feature and is left out. The shared classifier fixes the histogram size, so
 every BoF exit of a model must have the same ``codewords``. Levels are counted in the order the
 exits are built (block order), so a model's BoF exits must be its only state-carrying exits.
@@ -92,6 +93,25 @@ class BoFLayer(nn.Module):
         return self.memberships(features).mean(dim=1)  # (B, M)
 
 
+class SharedClassifier(nn.Module):
+    """The classifier every BoF exit of a model reuses: LayerNorm over the histogram, Linear.
+
+    The LayerNorm is our choice: histograms of soft memberships sit close to uniform (every
+    entry near 1 / M) and differ between samples by a few percent of that, which a plain linear
+    layer learns to read only very slowly; normalizing each histogram over its codewords puts
+    those differences on a scale of one.
+    """
+
+    def __init__(self, codewords: int, num_outputs: int):
+        super().__init__()
+        self.codewords = codewords
+        self.norm = nn.LayerNorm(codewords, eps=1e-6)
+        self.fc = nn.Linear(codewords, num_outputs)
+
+    def forward(self, histogram: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(histogram))  # (B, K)
+
+
 @register_exit("bof")
 class BoFExit(ExitHead):
     """A BoF layer, the running histogram of the BoF exits so far, and the shared classifier.
@@ -125,12 +145,12 @@ class BoFExit(ExitHead):
         self.bof = BoFLayer(context.embed_dim, self.codewords)
         shared = context.shared.setdefault(_SHARED_KEY, {})
         if "classifier" not in shared:
-            shared["classifier"] = nn.Linear(self.codewords, context.num_outputs)
+            shared["classifier"] = SharedClassifier(self.codewords, context.num_outputs)
             shared["levels"] = 0
-        elif shared["classifier"].in_features != self.codewords:
+        elif shared["classifier"].codewords != self.codewords:
             raise ConfigError(
                 f"every BoF exit of a model shares one classifier, so all need the same number of "
-                f"codewords: {shared['classifier'].in_features} and {self.codewords} were given"
+                f"codewords: {shared['classifier'].codewords} and {self.codewords} were given"
             )
         shared["levels"] += 1
         #: 1 for the model's first BoF exit, 2 for the second, ...
