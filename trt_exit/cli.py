@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "trt_exit.commands.spine",
     "trt_exit.commands.pipelines",
     "trt_exit.commands.profile",
+    "trt_exit.commands.experiment",
 ]
 
 EXIT_ERROR = 2
