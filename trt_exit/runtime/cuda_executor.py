@@ -40,7 +40,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -210,6 +210,7 @@ class CudaExecutor:
         self._full = None
         self._syncs = 0
         self._graph_reason: str | None = None
+        self._plans: dict[int, tuple[Policy, str, ExitPlan]] = {}
         options = dict(backend_options or {})
         if backend == "torch":
             options.setdefault("device", f"cuda:{device}")
@@ -395,6 +396,9 @@ class CudaExecutor:
         """
         from trt_exit.runtime.cuda.memory import external_array
 
+        fast = self._bind_one_device_array(inputs)
+        if fast is not None:
+            return fast
         feeds = validate_inputs(self.manifest, inputs, device_arrays=True)
         batch = 0
         addresses = dict(self._addresses)
@@ -424,6 +428,35 @@ class CudaExecutor:
                 if array.stream is not None:
                     producers.append(array.stream)
         return batch, addresses, host_inputs, producers
+
+    def _bind_one_device_array(self, value: Any):
+        """:meth:`_bind` for the streaming case: one device array for a one-input model,
+        checked in one pass (the general path reads the array interface twice). None when the
+        case does not apply."""
+        from trt_exit.runtime.cuda.memory import external_array
+
+        if len(self.manifest.inputs) != 1 or isinstance(value, (Mapping, np.ndarray)) or \
+                hasattr(value, "__array_interface__"):
+            return None
+        try:
+            interface = value.__cuda_array_interface__
+        except AttributeError:  # e.g. a CPU torch tensor: the general path converts it
+            return None
+        spec = self.manifest.inputs[0]
+        shape = tuple(interface["shape"])
+        if len(shape) != len(spec.shape) or shape[1:] != tuple(spec.shape[1:]) or shape[0] < 1:
+            return None  # the general path raises the detailed message
+        array = external_array(spec.name, value, self.device, interface)
+        if array.dtype != np.dtype(spec.dtype):
+            raise InputError(f"input {spec.name!r} has dtype {array.dtype}, expected {spec.dtype}")
+        if shape[0] > self.max_batch:
+            raise InputError(
+                f"input {spec.name!r} has a batch of {shape[0]}, more than this executor's "
+                f"max_batch of {self.max_batch} (its buffers and engines are sized for that): "
+                f"split the batch, or create the executor with max_batch={shape[0]}")
+        addresses = dict(self._addresses)
+        addresses[spec.name] = array.address
+        return int(shape[0]), addresses, [], [] if array.stream is None else [array.stream]
 
     def _wait_for_producers(self, producers: list[int]) -> None:
         from trt_exit.runtime.cuda.stream import wait_for_producer
@@ -491,7 +524,7 @@ class CudaExecutor:
         """The host waits for the stream (counted: :attr:`ExitResults.host_syncs`)."""
         self._syncs += 1
         with nvtx_range("synchronize", "copy"):
-            self._sync_event.record(self.stream).synchronize()
+            self.stream.synchronize()
 
     def _host_results(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         host = self.results_host
@@ -508,8 +541,18 @@ class CudaExecutor:
     # ------------------------------------------------------------------ running
 
     def plan(self, policy: Policy | None = None) -> ExitPlan:
-        """The exit plan of ``policy`` (default: the executor's)."""
-        return plan_exits(policy or self.policy, self.num_exits, self._state_providers)
+        """The exit plan of ``policy`` (default: the executor's), cached per policy object and
+        recomputed if its fields changed."""
+        policy = policy or self.policy
+        snapshot = repr(policy)  # dataclass fields: thresholds, exit, budget, latencies
+        cached = self._plans.get(id(policy))
+        if cached is not None and cached[0] is policy and cached[1] == snapshot:
+            return cached[2]
+        plan = plan_exits(policy, self.num_exits, self._state_providers)
+        if len(self._plans) >= 64:
+            self._plans.clear()
+        self._plans[id(policy)] = (policy, snapshot, plan)
+        return plan
 
     def run(self, inputs: Any, policy: Policy | None = None,
             strategy: str | None = None) -> ExitResults:

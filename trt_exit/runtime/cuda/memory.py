@@ -140,14 +140,22 @@ class ExternalArray:
     stream: int | None
 
 
-def external_array(name: str, value: Any, device: int) -> ExternalArray:
+def external_array(name: str, value: Any, device: int,
+                   interface: dict[str, Any] | None = None) -> ExternalArray:
     """Reads and checks a ``__cuda_array_interface__`` object for use without a copy.
+
+    Args:
+        name: Input name, for messages.
+        value: The object.
+        device: The GPU it must be on.
+        interface: Its interface dict if already read (reading it can cost microseconds).
 
     Raises:
         InputError: It is not C-contiguous, is read-only-masked, or lives on another device
             or in host memory; the message says what to do.
     """
-    interface = value.__cuda_array_interface__
+    if interface is None:
+        interface = value.__cuda_array_interface__
     shape = tuple(int(d) for d in interface["shape"])
     dtype = np.dtype(interface["typestr"])
     if interface.get("mask") is not None:
