@@ -84,8 +84,8 @@ def test_deadline_plan_checks_the_budget_at_every_early_exit():
 
 
 def test_plans_differ_exactly_when_graphs_must():
-    assert plan_exits(ThresholdPolicy([0.5]), 2).key() == plan_exits(ThresholdPolicy([0.5]), 2).key()
-    assert plan_exits(ThresholdPolicy([0.5]), 2).key() != plan_exits(ThresholdPolicy([0.6]), 2).key()
+    assert plan_exits(ThresholdPolicy([0.5]), 2).key == plan_exits(ThresholdPolicy([0.5]), 2).key
+    assert plan_exits(ThresholdPolicy([0.5]), 2).key != plan_exits(ThresholdPolicy([0.6]), 2).key
     with pytest.raises(ConfigError):
         plan_exits(AllExitsPolicy(), 2)
 

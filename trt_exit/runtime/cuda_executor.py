@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -87,6 +88,7 @@ class ExitPlan:
     gates: tuple[GateParams | None, ...]
     last: int
 
+    @functools.cached_property
     def key(self) -> tuple:
         """Hashable identity (a captured graph is specific to it)."""
         return (self.heads, self.last,
@@ -548,6 +550,8 @@ class CudaExecutor:
         cached = self._plans.get(id(policy))
         if cached is not None and cached[0] is policy and cached[1] == snapshot:
             return cached[2]
+        policy.validate(self.num_exits)  # normalizes thresholds: snapshot again
+        snapshot = repr(policy)
         plan = plan_exits(policy, self.num_exits, self._state_providers)
         if len(self._plans) >= 64:
             self._plans.clear()
@@ -570,17 +574,15 @@ class CudaExecutor:
         """
         strategy = self._strategy(strategy)
         policy = policy or self.policy
-        if policy is not self.policy:
-            policy.validate(self.num_exits)
+        plan = None if isinstance(policy, AllExitsPolicy) else self.plan(policy)  # validates
         syncs_before = self._syncs
         began = time.perf_counter()
         with nvtx_range(f"infer_{strategy}", "full"):
             batch, addresses, host_inputs, producers = self._bind(inputs)
-            if isinstance(policy, AllExitsPolicy):
+            if plan is None:
                 results = self._run_all(batch, addresses, host_inputs, producers)
                 strategy = "eager"
             else:
-                plan = self.plan(policy)
                 if strategy == "graph":
                     results = self._run_graph(plan, batch, addresses, host_inputs, producers)
                     if results is None:
@@ -621,15 +623,15 @@ class CudaExecutor:
         from trt_exit.runtime.cuda.graph import CaptureError
 
         bound = tuple((s.name, addresses[s.name]) for s in self.manifest.inputs)
-        key = (plan.key(), batch, bound, tuple(host_inputs))
+        key = (plan.key, batch, bound, tuple(host_inputs))
         graph = self._graphs.get(key)
         if graph is None:
-            if plan.key() in self._graph_failures:
+            if plan.key in self._graph_failures:
                 return None
             try:
                 graph = self._capture(plan, batch, addresses, host_inputs)
             except CaptureError as exc:
-                self._graph_failures[plan.key()] = str(exc)
+                self._graph_failures[plan.key] = str(exc)
                 log.warning("CUDA executor: the exit chain could not be captured as a CUDA "
                             "graph (%s); polling for this policy instead", exc)
                 return None
