@@ -197,7 +197,7 @@ def test_each_bof_graph_has_its_copy_of_the_shared_classifier(exported, trained)
     from onnx import numpy_helper
 
     model, _ = trained["vit"]
-    weight = model.exits[1].classifier.weight.detach().numpy()  # (K, M)
+    weight = model.exits[1].classifier.fc.weight.detach().numpy()  # (K, M)
     for k in BOF_INDICES:
         path = exported["vit"].root / exported["vit"].exit_stage(k).onnx["fp32"].path
         graph = onnx.load(str(path)).graph
@@ -231,7 +231,7 @@ def test_bof_checkpoint_stores_the_shared_classifier_once(trained, tmp_path):
     model, _ = trained["vit"]
     path = save_checkpoint(model, tmp_path / "bof.safetensors")
     with safe_open(str(path), framework="pt") as handle:
-        assert len([k for k in handle.keys() if k.endswith("classifier.weight")]) == 1
+        assert len([k for k in handle.keys() if k.endswith("classifier.fc.weight")]) == 1
     loaded = load_checkpoint(path)
     assert loaded.exits[1].classifier is loaded.exits[10].classifier
     x = torch.randn(4, 1, 8, 8)
