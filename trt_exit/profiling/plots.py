@@ -60,8 +60,12 @@ def save_profile_plots(report: dict[str, Any], path: str | os.PathLike) -> Path:
     ax = axes[1]
     samples = np.asarray(e2e.get("latency_samples_ms", []), np.float64)
     if len(samples):
-        hi = np.percentile(samples, 99.5)
-        ax.hist(np.clip(samples, None, hi), bins=60, color="tab:gray")
+        lo, hi = max(samples.min(), 1e-4), max(samples.max(), 1e-4)
+        if hi / lo > 20:  # a long tail (preemption, clock ramps): log scale shows both ends
+            ax.hist(samples, bins=np.geomspace(lo, hi * 1.01, 60), color="tab:gray")
+            ax.set_xscale("log")
+        else:
+            ax.hist(samples, bins=60, color="tab:gray")
         for p, style in ((50, "-"), (90, "--"), (99, ":")):
             value = e2e["latency"][f"p{p}_ms"]
             ax.axvline(value, color="tab:red", linestyle=style, label=f"p{p} {value:.3f} ms")

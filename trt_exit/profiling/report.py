@@ -17,6 +17,7 @@ with NVTX ranges, so ``trt-exit nsys -- trt-exit profile DIR`` records exactly i
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -191,6 +192,8 @@ def profile_executor(executor, inputs: dict[str, np.ndarray], backend: str,
         "nvtx": nvtx_available(),
         "stages": {},
     }
+    # Other work on the machine shows up in the tails (p99); the load says how much there was.
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     with cuda_profiler_range(profiler_range_wanted(backend)) as capturing:
         report["cuda_profiler_range"] = capturing
         if hasattr(executor, "runners"):
@@ -206,6 +209,8 @@ def profile_executor(executor, inputs: dict[str, np.ndarray], backend: str,
         else:
             report["gpu_times"] = "this executor does not expose its stages"
         report["end_to_end"] = end_to_end(executor, inputs, config, policy)
+    if load_before is not None:
+        report["load_average_1min"] = {"before": load_before[0], "after": os.getloadavg()[0]}
     report["machine"] = machine_info()
     report["jetson"] = jetson_state()
     return report
