@@ -37,6 +37,9 @@ setup(
         # GStreamer) and microphones (sounddevice needs the PortAudio library: libportaudio2).
         "video": ["opencv-python-headless>=4.8"],
         "audio": ["sounddevice>=0.4"],
+        # TensorRT engines: cuda-python everywhere; the tensorrt wheel on x86 only (on a Jetson
+        # TensorRT comes with JetPack, see docs/tensorrt.md).
+        "tensorrt": ["cuda-python>=12.6", "tensorrt>=10.3; platform_machine == 'x86_64'"],
     },
     entry_points={"console_scripts": ["trt-exit=trt_exit.cli:entrypoint"]},
     classifiers=[

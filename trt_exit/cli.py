@@ -18,6 +18,7 @@ from trt_exit.errors import TrtExitError
 #: Modules contributing subcommands, in the order they appear in ``--help``.
 COMMAND_MODULES = [
     "trt_exit.commands.spine",
+    "trt_exit.commands.build",
     "trt_exit.commands.pipelines",
     "trt_exit.commands.profile",
     "trt_exit.commands.experiment",
