@@ -241,9 +241,10 @@ def test_live_capture_drops_the_oldest_frames_for_a_slow_consumer():
             ages.append(clock.now_s() - frame.timestamp_s)
         dropped = capture.dropped
     assert dropped > 10
-    # Never falls behind: a frame is at most the queue length of camera periods old (plus
-    # scheduling noise), not the growing backlog a lossless queue would hold.
-    assert max(ages) < 0.06
+    # Never falls behind: a frame is about the queue length of camera periods old (plus
+    # scheduling noise on a busy machine), not the backlog a lossless queue would build up:
+    # 80 ms per read of a 4 ms camera would leave the sixth frame read about 0.45 s old.
+    assert np.median(ages) < 0.1 and ages[-1] < 0.2
 
 
 def test_offline_capture_is_lossless_and_close_joins_the_thread(tmp_path):
