@@ -551,13 +551,18 @@ def results_markdown(results: dict[str, Any]) -> str:
                          f"{first['exit_flops']:,} |")
         lines.append("")
     for name, curve in (results.get("bof_stopping") or {}).items():
+        final = next(r for r in results["rows"]
+                     if r["backbone"] == name and r["family"] == "final_head")
         lines += [f"### BoF stopping rule ({name} backbone, test split)", "",
-                  "| beta | threshold | accuracy (%) | mean FLOPs | vs. full | exits taken |",
+                  f"Relative FLOPs are against the model without exits (backbone + final head: "
+                  f"{final['cumulative_flops']:,} FLOPs, {100 * final['value']:.2f}%). Exits "
+                  f"taken: % of samples per BoF exit, the final head last.", "",
+                  "| beta | threshold | accuracy (%) | mean FLOPs | vs. no exits | exits taken (%) |",
                   "|---:|---:|---:|---:|---:|---|"]
         for point in curve:
             fractions = " ".join(f"{100 * f:.0f}" for f in point["exit_fractions"])
             lines.append(f"| {point['beta']:.2f} | {point['threshold']:.3f} | "
                          f"{100 * point['accuracy']:.2f} | {point['mean_flops']:,.0f} | "
-                         f"{point['mean_flops'] / point['full_flops']:.2f} | {fractions} |")
+                         f"{point['mean_flops'] / final['cumulative_flops']:.2f} | {fractions} |")
         lines.append("")
     return "\n".join(lines)
