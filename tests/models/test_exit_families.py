@@ -270,6 +270,8 @@ def test_bof_codebook_init_and_calibration_read_real_features(digits):
      "reads tokens"),
     (lambda: model_config("multi_exit_cnn_tiny_test", exits=[ExitSpec(1, "vitee")]),
      "reads tokens"),
+    (lambda: model_config("multi_exit_cnn_tiny_test", exits=[ExitSpec(1, "slvit")]),
+     "reads tokens"),
     (lambda: model_config("multi_exit_vit_tiny_test", exits=[ExitSpec(1, "slvit_cnn")]),
      "reads map"),
     (lambda: model_config("multi_exit_vit_tiny_test", head=ExitSpec(0, "cnn_head")),
@@ -279,7 +281,7 @@ def test_bof_codebook_init_and_calibration_read_real_features(digits):
     (lambda: model_config("multi_exit_vit_tiny_test",
                           exits=[ExitSpec(1, "bof", {"codewords": 8}),
                                  ExitSpec(2, "bof", {"codewords": 16})]), "same number"),
-], ids=["cnn_add-on-cnn", "vitee-on-cnn", "slvit_cnn-on-vit", "cnn_head-on-vit",
+], ids=["cnn_add-on-cnn", "vitee-on-cnn", "slvit-on-cnn", "slvit_cnn-on-vit", "cnn_head-on-vit",
         "slvit_cnn-patch", "bof-codewords"])
 def test_family_in_the_wrong_place_is_a_clear_error(config, match):
     with pytest.raises(ConfigError, match=match):

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from trt_exit.models.exits.base import ExitContext, ExitHead, register_exit
+from trt_exit.models.exits.layout import TOKENS, require_layout
 from trt_exit.models.vit import Block
 
 
@@ -35,6 +36,7 @@ class SLViTExit(ExitHead):
     def __init__(self, context: ExitContext, dim: int | None = None, num_heads: int | None = None,
                  mlp_ratio: float = 2.0, confidence: str = "max_softmax"):
         super().__init__(context, confidence)
+        require_layout(context, self.type_name, TOKENS)  # feature maps: see slvit_cnn
         self.dim = int(dim or context.embed_dim)
         heads = num_heads or context.num_heads
         self.num_heads = int(heads if self.dim % heads == 0 else 1)
