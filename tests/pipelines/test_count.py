@@ -320,3 +320,14 @@ def test_short_soak_shows_no_growth(av_model, tmp_path):
     assert result.frames == 800
     assert result.passed, result.reasons
     assert len(set(result.os_threads[len(result.os_threads) // 4:])) == 1
+
+
+def test_gpu_backend_without_a_gpu_points_to_onnxruntime(av_model, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["count", "synthetic://crowd", "--audio", "none://", "--engines", str(av_model),
+                 "--backend", "torch", "--max-frames", "2", "--no-status"]) == 2
+    err = capsys.readouterr().err
+    assert "needs an NVIDIA GPU" in err and "--backend onnxruntime" in err

@@ -46,7 +46,16 @@ def open_executor(manifest, backend: str, precision: str, policy=None, threads: 
             module = None
         cuda_executor = getattr(module, "CudaExecutor", None)
         if cuda_executor is not None:
-            return cuda_executor(manifest, backend=backend, precision=precision, policy=policy)
+            from trt_exit.errors import CudaUnavailableError
+
+            try:
+                return cuda_executor(manifest, backend=backend, precision=precision,
+                                     policy=policy)
+            except CudaUnavailableError as exc:
+                reason = str(exc).split(". ")[0]
+                raise CudaUnavailableError(
+                    f"--backend {backend} needs an NVIDIA GPU ({reason}); run the same model "
+                    f"directory on the CPU with --backend onnxruntime") from exc
     options = {"threads": threads} if backend == "onnxruntime" else {}
     return Executor(manifest, backend, precision, policy=policy, backend_options=options)
 
