@@ -102,6 +102,7 @@ def _count(args: argparse.Namespace) -> int:
     from trt_exit.pipelines.crowd_count import CountConfig, CrowdCounter, StatusLine
     from trt_exit.pipelines.sinks import open_sink
     from trt_exit.pipelines.video_sources import open_video_source
+    from trt_exit.profiling.nsys import profiler_range_wanted
 
     manifest = Manifest.load(args.engines)
     input_uri = args.input
@@ -117,7 +118,8 @@ def _count(args: argparse.Namespace) -> int:
     policy = deadline_policy(manifest, args.budget_ms, args.backend) if args.budget_ms else None
     config = CountConfig(max_frames=args.max_frames, duration_s=args.duration_s,
                          realtime=args.realtime, queue_frames=args.queue_frames,
-                         reconnect_s=args.reconnect_s)
+                         reconnect_s=args.reconnect_s,
+                         cuda_profiler=profiler_range_wanted(args.backend))
     stop = threading.Event()
     previous = signal.getsignal(signal.SIGTERM)
 

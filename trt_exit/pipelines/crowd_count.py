@@ -49,6 +49,7 @@ from trt_exit.pipelines.preprocess import image_to_input
 from trt_exit.pipelines.queues import QueueClosed
 from trt_exit.pipelines.sinks import FrameResult, Sink
 from trt_exit.pipelines.video_sources import CaptureThread, VideoSource
+from trt_exit.profiling.nsys import cuda_profiler_range
 from trt_exit.profiling.nvtx import nvtx_range
 from trt_exit.profiling.timers import summarize_ms
 
@@ -69,6 +70,8 @@ class CountConfig:
         audio_wait_s: How long to wait for a live microphone's first full window.
         status_interval_s: Seconds between status lines.
         warmup_runs: Untimed inferences before capture starts.
+        cuda_profiler: Open the CUDA profiler capture range (``cudaProfilerStart``/``Stop``)
+            around the loop, after loading and warm-up (``trt-exit nsys``; GPU backends).
     """
 
     max_frames: int | None = None
@@ -79,6 +82,7 @@ class CountConfig:
     audio_wait_s: float = 1.0
     status_interval_s: float = 0.5
     warmup_runs: int = 3
+    cuda_profiler: bool = False
 
 
 @dataclass
@@ -375,6 +379,7 @@ class CrowdCounter:
         try:
             self._stack.enter_context(single_threaded_blas())
             self._open()
+            self._stack.enter_context(cuda_profiler_range(self.config.cuda_profiler))
             began = time.perf_counter()
             while True:
                 if self.stop_event.is_set():
