@@ -331,3 +331,14 @@ def test_gpu_backend_without_a_gpu_points_to_onnxruntime(av_model, capsys):
                  "--backend", "torch", "--max-frames", "2", "--no-status"]) == 2
     err = capsys.readouterr().err
     assert "needs an NVIDIA GPU" in err and "--backend onnxruntime" in err
+
+
+def test_duration_limit_stops_a_realtime_run_on_time(av_model, tmp_path):
+    summary = tmp_path / "summary.json"
+    assert main(["count", "synthetic://crowd?fps=20", "--audio", "synthetic://crowd",
+                 "--engines", str(av_model), "--realtime", "--duration-s", "1.5", "--no-status",
+                 "--summary", str(summary)]) == 0
+    result = json.loads(summary.read_text())
+    assert result["stop_reason"] == "duration"
+    assert 1.5 <= result["duration_s"] < 3.0
+    assert result["frames"] <= 20 * result["duration_s"] + 2  # paced, never ahead of the clock
