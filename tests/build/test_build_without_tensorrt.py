@@ -105,7 +105,8 @@ def with_engine(tiny_export, fresh_copy):
     path = root / engine_filename(stage.name, key)
     atomic_write_bytes(path, b"ftrt" + bytes(range(256)) * 64)
     stage.engines[key] = {"precision": "fp16", "file": dataclasses.asdict(FileRef.of(path, root)),
-                          "target": ORIN_TRT10.to_dict(), **BuildConfig().engine_options()}
+                          "onnx_sha256": stage.onnx["fp32"].sha256, "target": ORIN_TRT10.to_dict(),
+                          **BuildConfig().engine_options()}
     manifest.save()
     return Manifest.load(root), path
 
@@ -113,7 +114,8 @@ def with_engine(tiny_export, fresh_copy):
 def test_engine_for_the_right_machine_is_found_and_verified(with_engine):
     manifest, path = with_engine
     stage = manifest.stage("segment_0")
-    record, found = engine_for(manifest, stage.name, stage.engines, "fp16", ORIN_TRT10)
+    record, found = engine_for(manifest, stage.name, stage.engines, "fp16", ORIN_TRT10,
+                               onnx_sha256=stage.onnx["fp32"].sha256)
     assert found == path.resolve() and record["precision"] == "fp16"
 
 
@@ -127,6 +129,9 @@ def test_engine_from_another_tensorrt_version_or_device_is_refused(with_engine):
     assert f"trt-exit build {manifest.root} --precision fp16" in message
     with pytest.raises(ArtifactError, match="no int8 TensorRT engine has been built"):
         engine_for(manifest, stage.name, stage.engines, "int8", ORIN_TRT10)
+    # An engine built from an older graph is never used, whatever machine it is for.
+    with pytest.raises(ArtifactError, match="built from an older version of the graph"):
+        engine_for(manifest, stage.name, stage.engines, "fp16", ORIN_TRT10, onnx_sha256="0" * 64)
 
 
 def test_truncated_or_missing_engine_file_is_refused(with_engine):
@@ -247,3 +252,20 @@ def test_doctor_self_test_runs_every_precision_on_onnxruntime(no_tensorrt, tmp_p
     checks = json.loads(report.read_text())["checks"]
     assert [c["ok"] for c in checks if c["name"].startswith("onnxruntime")] == [True] * 3
     assert [c["ok"] for c in checks if c["name"] == "tensorrt"] == [None]  # skipped, not failed
+
+
+def test_deploy_copy_is_a_complete_model_directory(with_engine, tmp_path):
+    from trt_exit.build.builder import deploy_copy
+
+    manifest, _ = with_engine
+    out = tmp_path / "engines" / "tiny"
+    copy = deploy_copy(manifest, out)
+    assert copy.root == out.resolve()
+    Manifest.load(out, verify=True).checkpoint_path()  # every graph and the checkpoint verify
+    assert copy.stage("segment_0").engines == {}  # engines stay where they were built
+    # A second copy keeps the engine records already in the output directory.
+    key = "fp16-0123456789abcdef"
+    copy.stage("segment_0").engines[key] = {"precision": "fp16"}
+    copy.save()
+    again = deploy_copy(manifest, out)
+    assert key in again.stage("segment_0").engines

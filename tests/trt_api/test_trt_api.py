@@ -17,13 +17,21 @@ from __future__ import annotations
 
 import ast
 import builtins
+import collections
+import contextlib
 import dataclasses
 import datetime
+import functools
+import hashlib
+import itertools
 import json
 import logging
+import math
 import os
 import pathlib
 import re
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,7 +180,8 @@ def known_names() -> set[str]:
               Exception, np, np.ndarray, np.dtype, np.generic, np.random.Generator,
               np.lib.npyio.NpzFile, pathlib.Path, os, os.path, os.stat_result, time, json, logging,
               logging.Logger, dataclasses, datetime, datetime.datetime, datetime.timezone, re,
-              re.Match, tqdm.tqdm, type, builtins]
+              re.Match, tqdm.tqdm, type, builtins, shutil, tempfile, contextlib, hashlib, math,
+              itertools, functools, collections]
     names = {name for owner in owners for name in dir(owner)}
     return names | _defined_names()
 

@@ -121,6 +121,51 @@ def _cached(manifest: Manifest, job: BuildJob, key: str) -> bool:
         sha256_file(path) == record["file"]["sha256"]
 
 
+def deploy_copy(manifest: Manifest, out_dir: str | Path) -> Manifest:
+    """The model directory copied to ``out_dir`` to build into (e.g. ``engines/<model>``).
+
+    Copies the manifest and every file it lists (ONNX graphs of every precision, the
+    calibration set, the checkpoint), each verified and written atomically, skipping files
+    already there with the right hash. Engines are not copied; engines and engine records
+    already in ``out_dir`` are kept, so a rebuild there reuses its cache.
+
+    Returns:
+        The copy's manifest (saved), or ``manifest`` itself if ``out_dir`` is its directory.
+    """
+    import shutil
+
+    from trt_exit.fileio import atomic_path
+    from trt_exit.manifest import MANIFEST_NAME
+
+    out = Path(out_dir).resolve()
+    if out == manifest.root.resolve():
+        return manifest
+    previous = Manifest.load(out) if (out / MANIFEST_NAME).is_file() else None
+    refs = [(ref, f"{s.name} ({p})") for s in manifest.stages for p, ref in s.onnx.items()]
+    refs += [(ref, f"full ({p})") for p, ref in manifest.full_model.get("onnx", {}).items()]
+    for record, what in ((manifest.calibration.get("file"), "calibration set"),
+                         (manifest.model.get("checkpoint"), "checkpoint")):
+        if record:
+            refs.append((FileRef(**record), what))
+    for ref, what in refs:
+        source = manifest.verified_path(ref, what)
+        target = out / ref.path
+        if target.is_file() and sha256_file(target) == ref.sha256:
+            continue
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
+    copy = Manifest.from_dict(manifest.to_dict(), out)
+    # Engines are not copied (they belong to the device that built them): the copy lists the
+    # engines already built in ``out`` only.
+    old = {s.name: s.engines for s in previous.stages} if previous else {}
+    for stage in copy.stages:
+        stage.engines = dict(old.get(stage.name, {}))
+    copy.full_model["engines"] = dict(previous.full_model.get("engines", {})) if previous else {}
+    copy.build = dict(previous.build) if previous else {}
+    copy.save()
+    return copy
+
+
 def default_timing_cache(manifest: Manifest, target: Target) -> Path:
     """``engines/timing.<target>.cache`` next to the manifest."""
     return manifest.root / ENGINE_DIR / f"timing.{target.slug()}.cache"

@@ -105,7 +105,7 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 
 
 def select_engine(records: dict[str, dict[str, Any]], what: str, precision: str, target: Target,
-                  manifest_dir: str) -> tuple[str, dict[str, Any]]:
+                  manifest_dir: str, onnx_sha256: str | None = None) -> tuple[str, dict[str, Any]]:
     """The newest engine of ``precision`` that runs on ``target``.
 
     Args:
@@ -114,15 +114,21 @@ def select_engine(records: dict[str, dict[str, Any]], what: str, precision: str,
         precision: ``fp32``, ``fp16`` or ``int8``.
         target: This machine.
         manifest_dir: For the rebuild command in messages.
+        onnx_sha256: The stage's current ONNX graph: engines built from another are ignored.
 
     Raises:
-        ArtifactError: No engine of this precision was built.
+        ArtifactError: No engine of this precision was built (from the current graph).
         EngineMismatchError: Engines exist, but for another TensorRT version or GPU.
     """
     rebuild = f"trt-exit build {manifest_dir} --precision {precision}"
     candidates = {k: r for k, r in records.items() if r.get("precision") == precision}
+    stale = {k for k, r in candidates.items()
+             if onnx_sha256 is not None and r.get("onnx_sha256") != onnx_sha256}
+    candidates = {k: r for k, r in candidates.items() if k not in stale}
     if not candidates:
-        raise ArtifactError(f"{what}: no {precision} TensorRT engine has been built; build it on "
+        what_happened = ("was built from an older version of the graph" if stale else
+                         "has been built")
+        raise ArtifactError(f"{what}: no {precision} TensorRT engine {what_happened}; build it on "
                             f"this device with: {rebuild}")
     usable = {k: r for k, r in candidates.items() if runs_on(r, target)}
     if not usable:
@@ -139,7 +145,7 @@ def select_engine(records: dict[str, dict[str, Any]], what: str, precision: str,
 
 
 def engine_for(manifest, what: str, records: dict[str, dict[str, Any]], precision: str,
-               target: Target) -> tuple[dict[str, Any], Path]:
+               target: Target, onnx_sha256: str | None = None) -> tuple[dict[str, Any], Path]:
     """The engine record and verified file a runner on ``target`` should load.
 
     Args:
@@ -148,15 +154,16 @@ def engine_for(manifest, what: str, records: dict[str, dict[str, Any]], precisio
         records: The stage's engine records by key.
         precision: ``fp32``, ``fp16`` or ``int8``.
         target: This machine.
+        onnx_sha256: The graph the engine must have been built from.
 
     Raises:
-        ArtifactError: No engine of this precision, or its file is missing, truncated or changed
-            since the build (sha256 mismatch).
+        ArtifactError: No engine of this precision (from this graph), or its file is missing,
+            truncated or changed since the build (sha256 mismatch).
         EngineMismatchError: Only engines for another TensorRT version or GPU exist.
     """
     from trt_exit.fileio import sha256_file
 
-    _, record = select_engine(records, what, precision, target, str(manifest.root))
+    _, record = select_engine(records, what, precision, target, str(manifest.root), onnx_sha256)
     ref = record["file"]
     path = (manifest.root / ref["path"]).resolve()
     rebuild = f"trt-exit build {manifest.root} --precision {precision} --rebuild"

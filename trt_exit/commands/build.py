@@ -74,11 +74,13 @@ def _precision(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from trt_exit.build.builder import build_engines, require_tensorrt
+    from trt_exit.build.builder import build_engines, deploy_copy, require_tensorrt
     from trt_exit.build.config import BatchProfile, BuildConfig
 
     require_tensorrt("trt-exit build")  # before reading anything: the clearest first error
     manifest = _manifest(args.dir)
+    if args.out:
+        manifest = deploy_copy(manifest, args.out)
     config = BuildConfig(
         precisions=tuple(args.precision),
         profile=BatchProfile(args.min_batch, args.opt_batch, args.max_batch),
@@ -91,7 +93,8 @@ def _build(args: argparse.Namespace) -> int:
     print(f"TensorRT {target.tensorrt} on {target.device_name} (sm {target.compute_capability}): "
           f"built {len(summary.built)}, reused {len(summary.cached)} cached engine(s) in "
           f"{summary.seconds:.1f} s; timing cache {summary.timing_cache}")
-    print(f"run with: trt-exit eval {args.dir} --backend tensorrt --precision {args.precision[0]}")
+    print(f"run with: trt-exit eval {manifest.root} --backend tensorrt --precision "
+          f"{args.precision[0]}")
     return 0
 
 
@@ -174,6 +177,8 @@ def register(subparsers) -> None:
                     "profile: an unchanged model is not rebuilt. Run it on the device that runs "
                     "the engines (they are not portable across GPUs or TensorRT versions).")
     p.add_argument("dir", help="directory with manifest.json")
+    p.add_argument("--out", help="build into a copy of DIR here (e.g. engines/<model>): "
+                                 "manifest, ONNX graphs, calibration set, checkpoint, engines")
     p.add_argument("--precision", nargs="+", default=["fp16"], choices=PRECISIONS,
                    help="engines to build (default: fp16); fp16/int8 need trt-exit precision")
     group = p.add_argument_group("batch profile")

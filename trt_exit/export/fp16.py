@@ -116,8 +116,8 @@ def convert_to_fp16(model, keep_fp32_nodes: Iterable[str] = ()):
         keep_fp32_nodes: Extra node names to keep in FP32 (the confidence nodes are always kept).
 
     Raises:
-        ConfigError: The graph has control flow (If/Loop/Scan), unnamed nodes, or a float
-            tensor whose type shape inference cannot tell.
+        ConfigError: The graph has control flow (If/Loop/Scan), a float tensor whose type shape
+            inference cannot tell, or the result does not type-check.
     """
     import onnx
     from onnx import TensorProto, helper
@@ -190,10 +190,9 @@ def convert_to_fp16(model, keep_fp32_nodes: Iterable[str] = ()):
     home_half: set[str] = set()
     for node in graph.node:
         if node.op_type == "Constant":
-            if is_float(node.output[0]) and consumed_half_only(node.output[0]):
-                for attr in node.attribute:
-                    if attr.name == "value":
-                        attr.t.CopyFrom(_tensor_to_fp16(attr.t, summary))
+            values = [a for a in node.attribute if a.name == "value"]  # value_float etc. stay
+            if values and is_float(node.output[0]) and consumed_half_only(node.output[0]):
+                values[0].t.CopyFrom(_tensor_to_fp16(values[0].t, summary))
                 home_half.add(node.output[0])
             continue
         if half_node[node.name]:

@@ -278,21 +278,24 @@ class TensorRTBackend(Backend):
         return self._event
 
     def _open(self, manifest: Manifest, name: str, records: dict, precision: str,
-              inputs: list[TensorSpec], outputs: list[TensorSpec]) -> TensorRTStageRunner:
-        record, path = engine_for(manifest, name, records, precision, self.target)
+              inputs: list[TensorSpec], outputs: list[TensorSpec],
+              onnx_sha256: str | None) -> TensorRTStageRunner:
+        record, path = engine_for(manifest, name, records, precision, self.target, onnx_sha256)
         if record.get("version_compatible"):
             self.runtime.engine_host_code_allowed = True
         rebuild = f"trt-exit build {manifest.root} --precision {precision} --rebuild"
         return TensorRTStageRunner(name, path, inputs, outputs, self, rebuild)
 
     def open_stage(self, manifest: Manifest, stage: StageEntry, precision: str) -> TensorRTStageRunner:
+        graph = stage.onnx.get(precision)
         return self._open(manifest, stage.name, stage.engines, precision, stage.inputs,
-                          stage.outputs)
+                          stage.outputs, graph.sha256 if graph else None)
 
     def open_full_model(self, manifest: Manifest, precision: str) -> TensorRTStageRunner:
         full = manifest.full_model
+        graph = full.get("onnx", {}).get(precision)
         return self._open(manifest, "full", full.get("engines", {}), precision, full["inputs"],
-                          full["outputs"])
+                          full["outputs"], graph.sha256 if graph else None)
 
     def close(self) -> None:
         for owner in (self._event, self._stream):
