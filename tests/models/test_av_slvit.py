@@ -155,3 +155,18 @@ def test_checkpoint_round_trip(tmp_path):
             assert torch.equal(a, b)
     assert again.exits[0].options() == model.exits[0].options()
     assert np.array_equal(again.exits[0].audio_patch, (16, 16))
+
+
+def test_conv_stem_vit_keeps_the_vit_token_layout():
+    from trt_exit.models.audiovisual import ConvStem, ConvStemViT
+    from trt_exit.models.vit import ViTConfig
+
+    backbone = ConvStemViT(ViTConfig(img_size=(96, 128), patch_size=16, in_chans=3, embed_dim=32,
+                                     depth=2, num_heads=2))
+    assert backbone.patch_embed.channels == [16, 32, 32]
+    assert backbone.grid_size == (6, 8) and backbone.num_tokens == 49
+    assert backbone.embed(torch.randn(2, 3, 96, 128)).shape == (2, 49, 32)
+    with pytest.raises(ConfigError, match="power-of-two"):
+        ConvStem((96, 96), 12, 3, 32)
+    with pytest.raises(ConfigError, match="stem channels"):
+        ConvStem((96, 96), 16, 3, 32, channels=[8, 8])

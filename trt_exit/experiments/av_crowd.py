@@ -105,17 +105,17 @@ class AVExperimentConfig:
     seed: int = 0
     samples: tuple[int, int, int] = (1600, 400, 600)
     degraded_fraction: float = 0.5
-    embed_dim: int = 96
+    embed_dim: int = 64
     depth: int = 6
     num_heads: int = 4
     patch_size: int = 16
     exit_dim: int = 64
     audio_patch: tuple[int, int] = (8, 8)
     exit_blocks: tuple[int, ...] = (2, 4)
-    backbone_epochs: int = 40
-    exit_epochs: int = 25
+    backbone_epochs: int = 30
+    exit_epochs: int = 20
     deploy_model: str = "multi_exit_av_crowd"
-    deploy_epochs: int = 40
+    deploy_epochs: int = 30
     batch_size: int = 32
     lr: float = 2e-3
     augment_shift_px: int = 4
@@ -339,8 +339,8 @@ def run_av_experiment(out_dir: Path, seed: int = 0, quick: bool = False,
 
     1. ``synthetic_av_crowd`` splits (default 1,600 / 400 / 600, half the images degraded:
        dark, blurred or occluded in equal shares).
-    2. A ViT backbone (as ``multi_exit_av_crowd``: width 96, 6 blocks) is trained from scratch
-       with a *visual* final head only, so its features owe nothing to the audio.
+    2. A conv-stem ViT backbone (as ``multi_exit_av_crowd``: width 64, 6 blocks) is trained
+       from scratch with a *visual* final head only, so its features owe nothing to the audio.
     3. For each modality (audio, visual, audiovisual), fresh ``av_slvit`` exits of that
        modality after blocks 2 and 4 are trained on the frozen backbone, classifier-wise, with
        the same seed and epochs. Exits of one model do not interact (each has its own

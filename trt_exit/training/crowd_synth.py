@@ -20,11 +20,11 @@ crowds. Degradations, where audio should help (DISCO's premise):
 
 **Sound.** Each talking person is a voice: a harmonic tone (fundamental 90-280 Hz, six
 harmonics with 1/h amplitudes, read from a wavetable) under a syllable envelope (3-6 bursts a
-second); louder when nearer. Each scene draws how lively its crowd is (30-90 % of the people
+second); louder when nearer. Each scene draws how lively its crowd is (15-95 % of the people
 talk in a given second) and then who talks (binomial), so the number of voices is a noisy
 function of the count. With few voices the sound is a few distinct lines that come and go;
 with many it becomes a dense, steady babble: loudness *and* texture grow with the count.
-Ambient noise at a random level (white, -46 to -30 dBFS), a random microphone gain of +-3 dB
+Ambient noise at a random level (white, -46 to -30 dBFS), a random microphone gain of +-6 dB
 and, now and then, a horn-like distractor tone that has nothing to do with the crowd keep
 audio-only counting honest. Samples are float32 in [-1, 1], clipped.
 
@@ -79,11 +79,11 @@ class CrowdSceneConfig:
     sample_rate: int = 16000
     window_s: float = 1.0
     max_count: int = 40
-    talk_fraction: float = 0.6
-    talk_fraction_spread: float = 0.3
+    talk_fraction: float = 0.55
+    talk_fraction_spread: float = 0.4
     voice_level: float = 0.05
     noise_dbfs_range: tuple[float, float] = (-46.0, -30.0)
-    mic_gain_db: float = 3.0
+    mic_gain_db: float = 6.0
     distractor_probability: float = 0.15
     horizon_frac: float = 0.3
     head_radius_frac: float = 1.0 / 22.0
