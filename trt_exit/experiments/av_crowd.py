@@ -233,8 +233,9 @@ def _compare_modalities(config: AVExperimentConfig, splits: dict[str, Dataset],
     final = {split: mae_by_condition(predict_exits(base, splits[split])[-1][:, 0],
                                      splits[split].targets, labels[split])
              for split in ("val", "test")}
-    say(f"backbone + visual final head: test MAE {final['test']['all']:.2f} "
-        f"(clean {final['test']['clean']:.2f}, degraded {final['test']['degraded']:.2f}; "
+    # Progress lines show val numbers: design decisions are made on val, never on test.
+    say(f"backbone + visual final head: val MAE {final['val']['all']:.2f} "
+        f"(clean {final['val']['clean']:.2f}, degraded {final['val']['degraded']:.2f}; "
         f"{history.seconds:.0f} s)")
     rows = []
     exit_train = _train_config(config, config.exit_epochs, CLASSIFIER_WISE)
@@ -258,10 +259,10 @@ def _compare_modalities(config: AVExperimentConfig, splits: dict[str, Dataset],
                 "exit_flops": costs["exits"][k]["flops"],
                 "cumulative_flops": costs["exits"][k]["cumulative_flops"],
             })
-        say(f"{modality:<11} exits: test MAE degraded "
-            + " ".join(f"b{r['after_block']}:{r['test_mae']['degraded']:.2f}"
+        say(f"{modality:<11} exits: val MAE degraded "
+            + " ".join(f"b{r['after_block']}:{r['val_mae']['degraded']:.2f}"
                        for r in rows[-len(config.exit_blocks):])
-            + " clean " + " ".join(f"b{r['after_block']}:{r['test_mae']['clean']:.2f}"
+            + " clean " + " ".join(f"b{r['after_block']}:{r['val_mae']['clean']:.2f}"
                                    for r in rows[-len(config.exit_blocks):])
             + f" ({record.seconds:.0f} s)")
     base_costs = model_costs(base)
