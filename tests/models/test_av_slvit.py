@@ -170,3 +170,12 @@ def test_conv_stem_vit_keeps_the_vit_token_layout():
         ConvStem((96, 96), 12, 3, 32)
     with pytest.raises(ConfigError, match="stem channels"):
         ConvStem((96, 96), 16, 3, 32, channels=[8, 8])
+
+
+def test_feature_map_backbones_are_refused_clearly():
+    from trt_exit.models.multi_exit import ExitSpec, build_model
+
+    config = model_config("multi_exit_cnn_tiny_test",
+                          exits=[ExitSpec(1, "av_slvit", {"modality": "visual"})])
+    with pytest.raises(ConfigError, match="reads tokens"):
+        build_model(config)

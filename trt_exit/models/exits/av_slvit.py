@@ -45,6 +45,7 @@ from trt_exit.errors import ConfigError
 from trt_exit.models import confidence as confidence_measures
 from trt_exit.models.audio_layers import AudioPatchEmbed
 from trt_exit.models.exits.base import CLASSIFICATION, ExitContext, ExitHead, register_exit
+from trt_exit.models.exits.layout import TOKENS, require_layout
 from trt_exit.models.vit import Block
 
 MODALITIES = ("audio", "visual", "audiovisual")
@@ -90,6 +91,7 @@ class AudioVisualSLViTExit(ExitHead):
         if confidence is None:
             confidence = PREDICTED_ERROR if regression else confidence_measures.MAX_SOFTMAX
         super().__init__(context, confidence)
+        require_layout(context, self.type_name or "av_slvit", TOKENS)
         if modality not in MODALITIES:
             raise ConfigError(f"unknown modality {modality!r}; choose one of {MODALITIES}")
         if regression and context.num_outputs < 2:
