@@ -343,6 +343,10 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None,
                          config.profile_repeats)
     report = evaluate_step(manifest, splits["test"], config.backend, config.precision,
                            config.latency_passes)
+    from trt_exit.workflow_precision import precision_report  # FP16 / INT8 graphs, same run
+
+    report["precisions"] = precision_report(manifest, splits, report, config.backend, max_loss,
+                                            config.seed)
     report.update({
         "torch_test_metrics": torch_metrics,
         "parity_max_abs_diff": manifest.parity["fp32"]["max_output_diff"],

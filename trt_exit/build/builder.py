@@ -166,6 +166,13 @@ def deploy_copy(manifest: Manifest, out_dir: str | Path) -> Manifest:
     return copy
 
 
+def _relative(path: Path, root: Path) -> str:
+    """``path`` relative to the manifest's directory when inside it (the directory moves as a
+    whole), else absolute."""
+    path, root = Path(path).resolve(), Path(root).resolve()
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+
+
 def default_timing_cache(manifest: Manifest, target: Target) -> Path:
     """``engines/timing.<target>.cache`` next to the manifest."""
     return manifest.root / ENGINE_DIR / f"timing.{target.slug()}.cache"
@@ -224,7 +231,7 @@ def build_engines(manifest: Manifest, config: BuildConfig, progress: bool = True
         **manifest.build,
         "target": target.to_dict(),
         "device": device,
-        "timing_cache": str(cache_path),
+        "timing_cache": _relative(cache_path, manifest.root),
         "last": {"precisions": list(config.precisions), **config.engine_options(),
                  "workspace_mib": config.workspace_mib, "built": summary.built,
                  "cached": summary.cached, "seconds": round(summary.seconds, 3),

@@ -25,6 +25,7 @@ convention for these ops.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -113,13 +114,15 @@ class _Reader:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """ONNX Runtime's quantizer logs its pre-processing advice on the root logger; the graphs
-    are checked afterwards, so keep it out of the user's terminal."""
+    """ONNX Runtime's quantizer logs its pre-processing advice on the root logger and prints
+    histogram progress for percentile/entropy calibration; the graphs are checked afterwards,
+    so keep both out of the user's terminal."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        yield
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
     finally:
         root.setLevel(level)
 

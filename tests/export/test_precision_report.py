@@ -1,0 +1,46 @@
+"""The demo's ``precisions`` section: FP32, FP16 and INT8 tuned and evaluated in one run."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from trt_exit.manifest import Manifest
+from trt_exit.workflow import evaluate_step
+from trt_exit.workflow_precision import PrecisionDemoConfig, precision_report
+
+
+@pytest.mark.slow
+def test_precision_report_measures_every_precision(tiny_tuned, digits, tmp_path):
+    root = tmp_path / "model"
+    shutil.copytree(tiny_tuned, root)
+    manifest = Manifest.load(root)
+    fp32_profile = dict(manifest.latency_profile)
+    fp32_thresholds = manifest.thresholds()
+    # Smaller val/test splits keep it quick; the demo runs the full ones.
+    splits = {"train": digits["train"], "val": digits["val"].subset(np.arange(120)),
+              "test": digits["test"].subset(np.arange(120))}
+    fp32 = evaluate_step(manifest, splits["test"], passes=1, warmup=5)
+    report = precision_report(manifest, splits, fp32, max_loss=0.02,
+                              config=PrecisionDemoConfig(calibration_samples=64,
+                                                         profile_repeats=5, warmup=5))
+    for precision in ("fp32", "fp16", "int8"):
+        section = report[precision]
+        assert len(section["exits"]) == manifest.num_exits
+        assert 0.0 <= section["final_accuracy"] <= 1.0
+        point = section["early_exit"]
+        assert set(point) >= {"accuracy", "mean_latency_ms", "full_latency_ms", "speedup",
+                              "thresholds"}
+        assert point["mean_latency_ms"] > 0 and len(point["thresholds"]) == manifest.num_exits - 1
+    assert report["fp32"]["final_accuracy"] == fp32["final_accuracy"]
+    assert report["fp16"]["final_accuracy_drop_points"] == pytest.approx(
+        100 * (fp32["final_accuracy"] - report["fp16"]["final_accuracy"]))
+    assert report["calibration"]["samples"] == 64
+    saved = Manifest.load(root, verify=True)
+    assert saved.precisions() == ["fp32", "fp16", "int8"]
+    assert set(saved.tuning) >= {"fp32", "fp16", "int8"}
+    # FP32 stays the default: its thresholds and latency profile are untouched.
+    assert saved.thresholds() == fp32_thresholds
+    assert saved.latency_profile["precision"] == fp32_profile["precision"] == "fp32"
