@@ -456,7 +456,10 @@ def write_plots(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
         ax.set_ylabel("test MAE (persons)")
         ax.set_title(f"exits after block {block} of {comparison['backbone']['depth']}")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7)
+        tallest = max(max(r["test_mae"][c] for c in conditions) for r in comparison["rows"])
+        tallest = max(tallest, *(final[c] for c in conditions))
+        ax.set_ylim(0, 1.35 * tallest)  # headroom for the legend
+        ax.legend(fontsize=7, loc="upper left", ncol=2)
     path = out_dir / MODALITY_PLOT
     figure.savefig(path, dpi=110)
     written.append(path)
