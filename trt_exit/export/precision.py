@@ -226,9 +226,11 @@ def create_precision_graphs(
                      "calibration_sha256": manifest.calibration["file"]["sha256"],
                      "calibration_samples": len(calibration),
                      "calibrated_on": "each stage on the outputs of the INT8 stages before it"})
+            parity = _compare_with_fp32(manifest, precision, out_dir, sample)
+            parity["samples_from"] = ("the calibration set" if calibration is not None else
+                                      "seeded random normal inputs (no calibration set)")
             records[precision] = {
-                **tool, "graphs": graphs,
-                "parity": _compare_with_fp32(manifest, precision, out_dir, sample),
+                **tool, "graphs": graphs, "parity": parity,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             }
         _commit(manifest, staging, records)
