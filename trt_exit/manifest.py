@@ -148,6 +148,11 @@ class Manifest:
         return self.model["task"]
 
     @property
+    def value_columns(self) -> int | None:
+        """Regression: leading output columns that are predicted values (None: all)."""
+        return self.model.get("value_columns")
+
+    @property
     def num_exits(self) -> int:
         return len(self.exits)
 

@@ -129,3 +129,15 @@ def test_a_stream_frame_and_its_audio_go_through_the_manifest_recipes(av_export)
         result = executor.run(inputs)
     assert result.output.shape == (1, 2) and np.isfinite(result.output).all()
     assert 0.0 <= result.confidence[0] <= 1.0
+
+
+def test_predictions_are_counts_without_the_error_scale(av_export, av_splits):
+    from trt_exit.runtime.executor import Executor
+
+    assert av_export.value_columns == 1
+    with Executor(av_export, "onnxruntime") as executor:
+        results = executor.run({k: v[:4] for k, v in av_splits["test"].inputs.items()})
+    assert results.output.shape == (4, 2)  # [count, log error scale]
+    assert results.prediction.shape == (4, 1)
+    np.testing.assert_array_equal(results.prediction[:, 0], results.output[:, 0])
+    assert all(len(r["prediction"]) == 1 for r in results.records())

@@ -171,3 +171,19 @@ def test_runner_refuses_a_graph_that_does_not_match_the_manifest(tiny_export):
     with pytest.raises(ArtifactError, match="do not match the manifest"):
         OrtStageRunner("segment_1", manifest.onnx_path(stage), manifest.stage("exit_1").inputs,
                        stage.outputs)
+
+
+def test_regression_predictions_are_the_value_columns():
+    from trt_exit.runtime.executor import ExitResults
+
+    output = np.array([[12.0, -0.5], [30.0, 0.2]], np.float32)  # [count, log error scale]
+    results = ExitResults(np.zeros(2, np.int32), output, np.ones(2, np.float32), "regression", 0.0,
+                          value_columns=1)
+    assert results.prediction.tolist() == [[12.0], [30.0]]
+    assert results.records()[0]["prediction"] == [12.0]
+    whole = ExitResults(np.zeros(2, np.int32), output, np.ones(2, np.float32), "regression", 0.0)
+    assert whole.prediction.shape == (2, 2)
+
+
+def test_manifest_records_value_columns(tiny_export):
+    assert Manifest.load(tiny_export).value_columns == 10  # classification: every logit

@@ -205,6 +205,9 @@ def export_model(
         if not full_record["ok"]:
             raise parity.ParityError(f"full-model graph does not match PyTorch: {full_record}")
         report["stages"].append(full_record)
+        # Heads may append columns to their output (a predicted error scale): record how many
+        # leading columns are the prediction, so runtimes report values only.
+        value_columns = int(model.exits[-1].prediction(full_ref[0]).shape[1])
         report["samples"] = int(next(iter(torch_inputs.values())).shape[0])
 
         # Move into place: old manifest first (so no stale manifest points at new files).
@@ -227,7 +230,8 @@ def export_model(
             options=head.options()))
     manifest = Manifest(
         model={"name": config.name, "task": config.task, "num_outputs": config.num_outputs,
-               "class_names": config.class_names, "config": config.to_dict()},
+               "class_names": config.class_names, "config": config.to_dict(),
+               "value_columns": value_columns},
         inputs=[TensorSpec(n, [-1, *s]) for n, s in shapes.items()],
         stages=[s.entry for s in stages],
         exits=exits,

@@ -595,6 +595,7 @@ class CudaExecutor:
         results.latency_ms = (time.perf_counter() - began) * 1e3
         results.strategy = strategy
         results.host_syncs = self._syncs - syncs_before
+        results.value_columns = self.manifest.value_columns
         return results
 
     def _strategy(self, strategy: str | None) -> str:
@@ -836,7 +837,8 @@ class CudaExecutor:
         self._synchronize()
         return ExitResults(np.full(batch, final, np.int32), output.copy(), confidence.copy(),
                            self.manifest.task, (time.perf_counter() - began) * 1e3,
-                           strategy=used, host_syncs=self._syncs - syncs_before)
+                           strategy=used, host_syncs=self._syncs - syncs_before,
+                           value_columns=self.manifest.value_columns)
 
     def _share_scratch(self, runner: DeviceStageRunner) -> None:
         """Hands ``runner`` the shared scratch block, or a block of its own if it needs more."""

@@ -51,6 +51,8 @@ class ExitResults:
         device: CUDA executor only (graph and poll): the same results in the executor's device
             buffers (``__cuda_array_interface__`` views, valid until its next run), see
             :class:`trt_exit.runtime.cuda_executor.DeviceResults`.
+        value_columns: Regression: how many leading output columns are predicted values (heads
+            may append e.g. a predicted error scale); None: all of them.
     """
 
     exit_index: np.ndarray
@@ -63,11 +65,14 @@ class ExitResults:
     strategy: str | None = None
     host_syncs: int | None = None
     device: Any = None
+    value_columns: int | None = None
 
     @property
     def prediction(self) -> np.ndarray:
-        """Class index (B,) for classification, the output values (B, K) for regression."""
-        return self.output.argmax(axis=1) if self.task == "classification" else self.output
+        """Class index (B,) for classification, the predicted values (B, V) for regression."""
+        if self.task == "classification":
+            return self.output.argmax(axis=1)
+        return self.output[:, : self.value_columns] if self.value_columns else self.output
 
     def __len__(self) -> int:
         return len(self.exit_index)
@@ -276,8 +281,11 @@ class Executor:
             policy.validate(self.num_exits)
         began = time.perf_counter()
         if isinstance(policy, AllExitsPolicy):
-            return self._run_all(feeds, began)
-        return self._run_policy(feeds, policy, began)
+            results = self._run_all(feeds, began)
+        else:
+            results = self._run_policy(feeds, policy, began)
+        results.value_columns = self.manifest.value_columns
+        return results
 
     def run_full_model(self, inputs: Any) -> ExitResults:
         """Runs the no-exit baseline graph (backbone and final head in one graph)."""
@@ -292,7 +300,8 @@ class Executor:
         output = np.asarray(values[tn.exit_output(final)])
         batch = output.shape[0]
         return ExitResults(np.full(batch, final, np.int32), output,
-                           np.asarray(values[tn.exit_confidence(final)]), self.manifest.task, latency)
+                           np.asarray(values[tn.exit_confidence(final)]), self.manifest.task, latency,
+                           value_columns=self.manifest.value_columns)
 
     def _run_stage(self, name: str, values: dict[str, Any]) -> dict[str, Any]:
         with nvtx_range(name):
