@@ -228,7 +228,7 @@ class Manifest:
             have = ", ".join(sorted(stage.onnx)) or "none"
             raise ManifestError(
                 f"{self.path}: stage {stage.name} has no {precision} ONNX graph (has: {have}); "
-                f"create it with trt-exit export --precision {precision}"
+                f"create it with trt-exit precision {self.root} --precision {precision}"
             )
         ref = stage.onnx[precision]
         return self.verified_path(ref, f"{stage.name} ({precision})") if verify else self.resolve(ref)

@@ -157,8 +157,9 @@ def tune_step(manifest: Manifest, val: Dataset, backend: str = "onnxruntime",
         precision: Graphs to tune.
         max_loss: Allowed metric loss (see :func:`trt_exit.runtime.tuning.tune_thresholds`).
         profile_repeats: Timed runs per stage.
-        apply: Store the thresholds with the exits (the default policy of every executor);
-            otherwise they are stored only under ``tuning[precision]``.
+        apply: Store the thresholds with the exits (the default policy of every executor) and
+            the stage profile as the manifest's ``latency_profile``; otherwise both are stored
+            only under ``tuning[precision]``.
     """
     from trt_exit.profiling.environment import machine_info
     from trt_exit.profiling.timers import measure_stage_latency
@@ -173,14 +174,15 @@ def tune_step(manifest: Manifest, val: Dataset, backend: str = "onnxruntime",
         backend_info = executor.backend.describe()
     tuning = tune_thresholds(results.all_outputs, results.all_confidences, val.targets,
                              manifest.task, stage_ms, max_loss)
-    manifest.latency_profile = {
-        "backend": backend_info, "precision": precision, "batch": 1, "unit": "ms",
-        "statistic": f"median of {profile_repeats}", "stages": stage_ms,
-        "machine": machine_info(),
-    }
     manifest.tuning[precision] = {**tuning.to_dict(), "split": val.name, "samples": len(val),
-                                  "backend": backend_info["backend"]}
+                                  "backend": backend_info["backend"], "stage_latency_ms": stage_ms}
     if apply:
+        # The applied precision's profile is the one deadline mode and reports read.
+        manifest.latency_profile = {
+            "backend": backend_info, "precision": precision, "batch": 1, "unit": "ms",
+            "statistic": f"median of {profile_repeats}", "stages": stage_ms,
+            "machine": machine_info(),
+        }
         for entry, threshold in zip(manifest.exits[:-1], tuning.best.thresholds):
             entry.enabled = threshold is not None
             entry.threshold = threshold if threshold is not None else 1.0
@@ -315,6 +317,21 @@ def format_report(report: dict[str, Any]) -> str:
         f"no-exit baseline (backbone + final head, one graph): {ee['full_latency_ms']:.3f} ms",
         f"speedup {ee['speedup']:.2f}x (early-exit latency = {ee['latency_ratio']:.2f} x baseline)",
     ]
+    precisions = report.get("precisions")
+    if precisions:
+        lines += ["", f"{'precision':<9} {'per-exit ' + metric:<32} {'final':>8} {'early exit':>10} "
+                      f"{'mean':>9} {'baseline':>9} {'speedup':>7}"]
+        for name in ("fp32", "fp16", "int8"):
+            if name not in precisions:
+                continue
+            entry = precisions[name]
+            point = entry["early_exit"]
+            per_exit = " ".join(fmt(v).strip() for v in entry["exits"])
+            lines.append(f"{name:<9} {per_exit:<32} {fmt(entry['final_' + metric]):>8} "
+                         f"{fmt(point[metric]):>10} {point['mean_latency_ms']:7.3f}ms "
+                         f"{point['full_latency_ms']:7.3f}ms {point['speedup']:6.2f}x")
+        lines.append("(all on the CPU with " + precisions.get("backend", report["backend"]) +
+                     "; FP16/INT8 latency on a CPU is no guide to a GPU)")
     return "\n".join(lines)
 
 

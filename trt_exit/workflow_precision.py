@@ -75,7 +75,6 @@ def precision_report(manifest: Manifest, splits: dict, fp32_report: dict[str, An
     config = config or PrecisionDemoConfig()
     began = time.perf_counter()
     metric = fp32_report["metric"]
-    fp32_profile = dict(manifest.latency_profile)  # tune_step replaces it; FP32's stays the default
     calibration = calib.from_dataset(splits["train"], config.calibration_samples, seed)
     create_precision_graphs(manifest, ("fp16", "int8"), calibration)
     results: dict[str, Any] = {"fp32": _summary(fp32_report)}
@@ -84,7 +83,6 @@ def precision_report(manifest: Manifest, splits: dict, fp32_report: dict[str, An
         for precision in ("fp16", "int8"):
             tune_step(manifest, splits["val"], backend, precision, max_loss,
                       config.profile_repeats, apply=False)
-            manifest.tuning[precision]["stage_latency_ms"] = manifest.latency_profile["stages"]
             report = evaluate_step(manifest, splits["test"], backend, precision,
                                    config.latency_passes, config.warmup)
             results[precision] = _summary(report)
@@ -93,7 +91,6 @@ def precision_report(manifest: Manifest, splits: dict, fp32_report: dict[str, An
             if metric == "accuracy":
                 results[precision]["final_accuracy_drop_points"] = round(-100.0 * change, 6) + 0.0
     finally:
-        manifest.latency_profile = fp32_profile
         manifest.save()
     results["int8"]["settings"] = manifest.export["precisions"]["int8"]["settings"]
     return {

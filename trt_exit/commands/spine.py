@@ -69,7 +69,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     config = DemoConfig(seed=args.seed, train=_train_config(args, DEMO_TRAIN),
                         exits=parse_exits(args.exits),
-                        backend=args.backend, precision=args.precision,
+                        backend=args.backend,
                         max_accuracy_drop_points=args.max_drop, latency_passes=args.passes)
     report = run_demo(args.out, config, progress=not args.no_progress)
     print(format_report(report))
@@ -226,7 +226,9 @@ def register(subparsers) -> None:
                     "accuracy and batch-1 latency of every exit on the test split.")
     p.add_argument("--out", required=True, help="output directory (report.json, manifest, ONNX)")
     _add_train_options(p, DEMO_TRAIN)
-    _add_backend_options(p)
+    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
+                   help="stage runner backend (default: onnxruntime on the CPU); the report "
+                        "covers fp32, and fp16 / int8 under 'precisions'")
     p.add_argument("--max-drop", type=float, default=0.5,
                    help="accuracy points the early-exit point may lose vs. the final exit")
     p.add_argument("--passes", type=int, default=3, help="timed passes over the test split")
