@@ -34,6 +34,8 @@ def test_profile_writes_json_and_plot_for_a_tuned_model(tiny_tuned, tmp_path, ca
     assert e2e["latency"]["p50_ms"] <= e2e["latency"]["p90_ms"] <= e2e["latency"]["p99_ms"]
     assert report["inputs"].startswith("digits") and report["machine"]["cpu_count"] >= 1
     assert report["jetson"] is None and report["cuda_profiler_range"] is False
+    assert report["command"].startswith(f"trt-exit profile {tiny_tuned} --backend onnxruntime")
+    assert "--samples 60" in report["command"]
     png = (out / "profile.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", png[16:24])

@@ -73,7 +73,7 @@ def _profile(args: argparse.Namespace) -> int:
                            stage_repeats=args.stage_repeats, batch=args.batch)
     with open_executor(manifest, args.backend, args.precision, policy, args.threads) as executor:
         report = profile_executor(executor, inputs, args.backend, config, policy, described)
-    report["command"] = "trt-exit " + " ".join(args.argv) if getattr(args, "argv", None) else None
+    report["command"] = _command_line(args)
     out = Path(args.out) if args.out else manifest.root / "profile"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "profile.json", report)
@@ -92,6 +92,23 @@ def _profile(args: argparse.Namespace) -> int:
         manifest.save()
         print(f"stored the per-stage latency in {manifest.path} (deadline mode uses it)")
     return 0
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The profile command with every option spelled out (what reproduces the report)."""
+    import shlex
+
+    parts = ["trt-exit", "profile", args.dir, "--backend", args.backend, "--precision",
+             args.precision, "--inputs", args.inputs, "--input-samples", str(args.input_samples),
+             "--samples", str(args.samples), "--warmup", str(args.warmup), "--stage-repeats",
+             str(args.stage_repeats), "--batch", str(args.batch)]
+    if args.backend == "onnxruntime":
+        parts += ["--threads", str(args.threads)]
+    if args.policy:
+        parts += ["--policy", args.policy]
+    if args.budget_ms:
+        parts += ["--budget-ms", str(args.budget_ms)]
+    return shlex.join(parts)
 
 
 def _nsys(args: argparse.Namespace) -> int:
