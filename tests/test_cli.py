@@ -116,3 +116,41 @@ def test_unknown_exit_type_fails_cleanly(tmp_path):
                           "unknown exit type 'bogus'; known exit types:")
     _assert_clean_failure(trt_exit("train", "--out", str(tmp_path), "--exits", "two:mlp"),
                           "bad exit 'two:mlp'")
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys, contextlib, io\n"
+            "from trt_exit.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "    main(['--help'])\n"
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_unset_training_flags_keep_the_recipe():
+    import argparse
+
+    from trt_exit.commands.spine import _add_train_options, _train_config
+    from trt_exit.training.config import TrainConfig
+
+    parser = argparse.ArgumentParser()
+    _add_train_options(parser, "a recipe")
+    recipe = TrainConfig(epochs=250, lr=3e-3, label_smoothing=0.1)
+    kept = _train_config(parser.parse_args([]), recipe)
+    assert (kept.epochs, kept.lr, kept.label_smoothing) == (250, 3e-3, 0.1)
+    changed = _train_config(parser.parse_args(["--epochs", "7", "--threads", "2"]), recipe)
+    assert (changed.epochs, changed.num_threads, changed.lr) == (7, 2, 3e-3)
+
+
+def test_dataset_options_parse_and_reject_bad_items():
+    from trt_exit.commands.spine import parse_dataset_options
+    from trt_exit.errors import ConfigError
+
+    assert parse_dataset_options(["root=/data/disco", "rate=16000"]) == {
+        "root": "/data/disco", "rate": "16000"}
+    assert parse_dataset_options(None) == {}
+    with pytest.raises(ConfigError, match="use KEY=VALUE"):
+        parse_dataset_options(["root"])

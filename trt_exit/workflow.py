@@ -24,7 +24,7 @@ from trt_exit.errors import ConfigError
 from trt_exit.fileio import atomic_write_json
 from trt_exit.manifest import Manifest
 from trt_exit.training.datasets import Dataset, load_dataset
-from trt_exit.training.trainer import TrainConfig
+from trt_exit.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 

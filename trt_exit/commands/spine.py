@@ -21,21 +21,26 @@ def _add_backend_options(parser: argparse.ArgumentParser) -> None:
                         help="which stage graphs to run (default: fp32)")
 
 
-def _add_train_options(parser: argparse.ArgumentParser, defaults) -> None:
-    group = parser.add_argument_group("training")
-    group.add_argument("--epochs", type=int, default=defaults.epochs,
-                       help=f"training epochs (default: {defaults.epochs})")
-    group.add_argument("--regime", default=defaults.regime,
-                       choices=("end_to_end", "classifier_wise"),
+#: Training options: CLI flag -> TrainConfig field. Unset flags keep the recipe's value.
+_TRAIN_FLAGS = {"epochs": "epochs", "regime": "regime", "backbone_epochs": "backbone_epochs",
+                "lr": "lr", "batch_size": "batch_size", "seed": "seed", "threads": "num_threads"}
+
+
+def _add_train_options(parser: argparse.ArgumentParser, recipe: str) -> None:
+    """Training flags; ``recipe`` names where unset values come from (for the help)."""
+    group = parser.add_argument_group(f"training (unset options keep {recipe})")
+    group.add_argument("--epochs", type=int, help="training epochs")
+    group.add_argument("--regime", choices=("end_to_end", "classifier_wise"),
                        help="end_to_end: everything, final exit weighted 2x; classifier_wise: "
-                            "backbone frozen, exits trained (default: %(default)s)")
-    group.add_argument("--backbone-epochs", type=int, default=defaults.backbone_epochs,
+                            "backbone frozen, exits trained")
+    group.add_argument("--backbone-epochs", type=int,
                        help="classifier_wise: epochs of backbone + final head first")
-    group.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
-    group.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    group.add_argument("--seed", type=int, default=0, help="seed of split, init and training")
+    group.add_argument("--lr", type=float, help="peak learning rate")
+    group.add_argument("--batch-size", type=int)
+    group.add_argument("--seed", type=int, default=0, help="seed of split, init and training (0)")
     group.add_argument("--exits", help="early exits as BLOCK:TYPE,... (e.g. 2:mlp,4:slvit,6:mlp) "
                                        "replacing the model's; TYPE is a registered exit family")
+    group.add_argument("--threads", type=int, help="torch threads for training")
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -55,10 +60,22 @@ def parse_exits(text: str | None):
     return specs
 
 
-def _train_config(args: argparse.Namespace, defaults):
-    return dataclasses.replace(defaults, epochs=args.epochs, regime=args.regime,
-                               backbone_epochs=args.backbone_epochs, lr=args.lr,
-                               batch_size=args.batch_size, seed=args.seed)
+def _train_config(args: argparse.Namespace, recipe):
+    """``recipe`` with the flags the user set."""
+    changes = {field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items()
+               if getattr(args, flag) is not None}
+    return dataclasses.replace(recipe, **changes)
+
+
+def parse_dataset_options(items: list[str] | None) -> dict[str, str]:
+    """``["root=/data/disco"]`` -> ``{"root": "/data/disco"}``."""
+    options = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"bad --dataset-option {item!r}; use KEY=VALUE, e.g. root=/data/disco")
+        options[key] = value
+    return options
 
 
 # --------------------------------------------------------------------------- demo
@@ -82,12 +99,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from trt_exit.training.trainer import TrainConfig, evaluate
+    from trt_exit.training.config import TrainConfig
+    from trt_exit.training.trainer import evaluate
     from trt_exit.workflow import CHECKPOINT_NAME, DEMO_TRAIN, train_step
 
     defaults = DEMO_TRAIN if args.model == "multi_exit_vit_digits" else TrainConfig()
     config = _train_config(args, defaults)
     net, splits, history = train_step(args.out, args.model, args.dataset, config,
+                                      parse_dataset_options(args.dataset_option),
                                       progress=not args.no_progress, exits=parse_exits(args.exits))
     metrics = evaluate(net, splits["val"])
     print(f"trained {args.model} on {args.dataset} in {history.seconds:.0f} s; "
@@ -216,16 +235,14 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Adds demo, train, export, tune, eval and run."""
-    from trt_exit.training.trainer import TrainConfig
-    from trt_exit.workflow import DEMO_TRAIN
-
     p = subparsers.add_parser(
         "demo", help="train, export, tune and evaluate the digits model end to end",
         description="Trains a multi-exit ViT on scikit-learn's digits, exports one ONNX graph "
                     "per stage, tunes exit thresholds on the validation split and reports "
                     "accuracy and batch-1 latency of every exit on the test split.")
     p.add_argument("--out", required=True, help="output directory (report.json, manifest, ONNX)")
-    _add_train_options(p, DEMO_TRAIN)
+    _add_train_options(p, "the demo recipe: 250 epochs, AdamW 3e-3, rotation/zoom/shift "
+                          "augmentation, label smoothing 0.1")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
                    help="stage runner backend (default: onnxruntime on the CPU); the report "
                         "covers fp32, and fp16 / int8 under 'precisions'")
@@ -238,7 +255,11 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--model", default="multi_exit_vit_digits", help="registered model config")
     p.add_argument("--dataset", default="digits", help="registered dataset")
-    _add_train_options(p, TrainConfig())
+    p.add_argument("--dataset-option", action="append", metavar="KEY=VALUE",
+                   help="dataset loader option, repeatable (e.g. root=/data/disco for disco and "
+                        "speech_commands)")
+    _add_train_options(p, "the demo recipe for multi_exit_vit_digits, TrainConfig's defaults "
+                          "otherwise")
     p.set_defaults(func=_train)
 
     p = subparsers.add_parser("export", help="export a checkpoint to per-stage ONNX graphs")
