@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from trt_exit.experiments import finish_results
 from trt_exit.manifest import Manifest
 from trt_exit.training.datasets import Dataset
 
@@ -66,7 +67,6 @@ def build_tiny_av_export(out_dir: str | os.PathLike, seed: int = 0,
 
 # --------------------------------------------------------------------------- the experiment
 
-RESULTS_NAME = "results.json"
 MODALITY_PLOT = "mae_by_modality.png"
 CONFIDENCE_PLOT = "confidence_risk_coverage.png"
 EXITS_PLOT = "exit_fractions_by_condition.png"
@@ -366,8 +366,6 @@ def run_av_experiment(out_dir: Path, seed: int = 0, quick: bool = False,
     Returns:
         The results (the content of ``results.json``).
     """
-    from trt_exit.fileio import atomic_write_json
-    from trt_exit.profiling.environment import machine_info
     from trt_exit.training.crowd_datasets import load_synthetic_av_crowd, plan_scenes
 
     config = config or (quick_config(seed) if quick else AVExperimentConfig(seed=seed))
@@ -414,16 +412,8 @@ def run_av_experiment(out_dir: Path, seed: int = 0, quick: bool = False,
         },
         "modalities": comparison,
         "deployed": deployed,
-        "machine": machine_info(),
-        "torch_threads": torch.get_num_threads(),
-        "seconds": time.perf_counter() - began,
     }
-    plots = write_plots(results, out_dir)
-    results["plots"] = [p.name for p in plots]
-    atomic_write_json(out_dir / RESULTS_NAME, results)
-    say(f"wrote {out_dir / RESULTS_NAME} and {', '.join(p.name for p in plots)} "
-        f"in {results['seconds']:.0f} s")
-    return results
+    return finish_results(results, out_dir, began, write_plots, say)
 
 
 def write_plots(results: dict[str, Any], out_dir: str | Path) -> list[Path]:

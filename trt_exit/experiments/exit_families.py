@@ -38,11 +38,11 @@ import numpy as np
 import torch
 
 from trt_exit.errors import ConfigError
+from trt_exit.experiments import finish_results
 from trt_exit.models.multi_exit import ExitSpec, MultiExitModel, build_model, model_config
 from trt_exit.training.datasets import Dataset
 from trt_exit.training.trainer import CLASSIFIER_WISE, END_TO_END, TrainConfig
 
-RESULTS_NAME = "results.json"
 POSITION_PLOT = "accuracy_vs_position.png"
 FLOPS_PLOT = "accuracy_vs_flops.png"
 
@@ -321,9 +321,7 @@ def run_experiment(out_dir: str | Path, config: ExperimentConfig | None = None,
     Returns:
         The results (the content of ``results.json``).
     """
-    from trt_exit.fileio import atomic_write_json
     from trt_exit.models.flops import model_costs
-    from trt_exit.profiling.environment import machine_info
     from trt_exit.training.datasets import load_dataset
     from trt_exit.training.trainer import evaluate, seed_everything, train
 
@@ -426,16 +424,8 @@ def run_experiment(out_dir: str | Path, config: ExperimentConfig | None = None,
         "rows": rows,
         "head_to_head": head_to_head,
         "bof_stopping": bof_curves,
-        "machine": machine_info(),
-        "torch_threads": torch.get_num_threads(),
-        "seconds": time.perf_counter() - began,
     }
-    plots = write_plots(results, out_dir)
-    results["plots"] = [p.name for p in plots]
-    atomic_write_json(out_dir / RESULTS_NAME, results)
-    say(f"wrote {out_dir / RESULTS_NAME} and {', '.join(p.name for p in plots)} "
-        f"in {results['seconds']:.0f} s")
-    return results
+    return finish_results(results, out_dir, began, write_plots, say)
 
 
 def _head_to_head(config: ExperimentConfig, bases: dict[str, MultiExitModel],
