@@ -31,7 +31,7 @@ from trt_exit import tensor_names as tn
 from trt_exit.errors import ConfigError
 from trt_exit.models.audio_layers import AudioPatchEmbed, spec_augment
 from trt_exit.models.multi_exit import ExitSpec, ModelConfig, register_backbone, register_model
-from trt_exit.models.vit import Block
+from trt_exit.models.vit import init_linear_layers, make_blocks
 from trt_exit.pipelines.audio_features import LogMelConfig
 
 
@@ -97,16 +97,9 @@ class AudioViT(nn.Module):
         self.cls_pos = nn.Parameter(torch.zeros(1, 1, config.embed_dim))
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.pos_drop = nn.Dropout(config.dropout)
-        rates = [config.drop_path_rate * i / max(config.depth - 1, 1) for i in range(config.depth)]
-        self.blocks = nn.ModuleList(
-            Block(config.embed_dim, config.num_heads, config.mlp_ratio, True, rate, config.dropout)
-            for rate in rates
-        )
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        self.blocks = make_blocks(config.depth, config.embed_dim, config.num_heads,
+                                  config.mlp_ratio, True, config.drop_path_rate, config.dropout)
+        init_linear_layers(self)
 
     @property
     def depth(self) -> int:

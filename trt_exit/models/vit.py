@@ -160,6 +160,24 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+def make_blocks(depth: int, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool,
+                drop_path_rate: float, dropout: float) -> nn.ModuleList:
+    """``depth`` pre-norm blocks, stochastic depth rising linearly to ``drop_path_rate``."""
+    rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+    return nn.ModuleList(Block(dim, num_heads, mlp_ratio, qkv_bias, rate, dropout)
+                         for rate in rates)
+
+
+def init_linear_layers(module: nn.Module) -> None:
+    """ViT initialization of every Linear below ``module``: truncated normal (std 0.02) weights,
+    zero biases."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.trunc_normal_(layer.weight, std=0.02)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
 class VisionTransformer(nn.Module):
     """ViT backbone: patch embedding, class token, learned positions, pre-norm blocks.
 
@@ -183,22 +201,12 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, config.embed_dim))
         self.pos_drop = nn.Dropout(config.dropout)
-        rates = [config.drop_path_rate * i / max(config.depth - 1, 1) for i in range(config.depth)]
-        self.blocks = nn.ModuleList(
-            Block(config.embed_dim, config.num_heads, config.mlp_ratio, config.qkv_bias, rate,
-                  config.dropout)
-            for rate in rates
-        )
-        self._init_weights()
-
-    def _init_weights(self) -> None:
+        self.blocks = make_blocks(config.depth, config.embed_dim, config.num_heads,
+                                  config.mlp_ratio, config.qkv_bias, config.drop_path_rate,
+                                  config.dropout)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        init_linear_layers(self)
 
     @property
     def depth(self) -> int:
