@@ -24,13 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from trt_exit import tensor_names as tn
 from trt_exit.profiling.environment import machine_info
 from trt_exit.profiling.jetson import jetson_state
 from trt_exit.profiling.nsys import cuda_profiler_range, profiler_range_wanted
 from trt_exit.profiling.nvtx import available as nvtx_available
 from trt_exit.profiling.nvtx import nvtx_range
-from trt_exit.profiling.timers import summarize_ms
+from trt_exit.profiling.timers import stage_order, stage_values, stage_wall_times, summarize_ms
 
 log = logging.getLogger(__name__)
 
@@ -63,36 +62,6 @@ def percentiles_ms(samples_ms) -> dict[str, float]:
     return out
 
 
-def _stage_order(num_exits: int) -> list[str]:
-    return [tn.stage_name(kind, k) for k in range(num_exits) for kind in (tn.SEGMENT, tn.EXIT)]
-
-
-def _stage_values(executor, feeds: dict[str, Any]) -> dict[str, Any]:
-    """Every tensor of the chain for ``feeds`` (each stage's real inputs)."""
-    values = dict(feeds)
-    for name in _stage_order(executor.num_exits):
-        values.update(executor.runners[name].run(values))
-    return values
-
-
-def stage_wall_times(executor, feeds: dict[str, Any], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Wall-time samples (ms) of each stage run alone, round-robin."""
-    values = _stage_values(executor, feeds)
-    names = _stage_order(executor.num_exits)
-    for _ in range(warmup):
-        for name in names:
-            executor.runners[name].run(values)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(repeats):
-        for name in names:
-            runner = executor.runners[name]
-            began = time.perf_counter()
-            with nvtx_range(name):
-                runner.run(values)
-            samples[name].append((time.perf_counter() - began) * 1e3)
-    return samples
-
-
 def stage_gpu_times(executor, backend: str, feeds: dict[str, Any], repeats: int,
                     warmup: int) -> tuple[dict[str, list[float]] | None, str]:
     """GPU-time samples (ms) of each stage, or None with the reason there are none.
@@ -112,8 +81,8 @@ def stage_gpu_times(executor, backend: str, feeds: dict[str, Any], repeats: int,
 
     if not torch.cuda.is_available():
         return None, "torch backend on the CPU: no GPU time"
-    values = _stage_values(executor, feeds)
-    names = _stage_order(executor.num_exits)
+    values = stage_values(executor, feeds)
+    names = stage_order(executor.num_exits)
     for _ in range(warmup):
         for name in names:
             executor.runners[name].run(values)
@@ -197,7 +166,8 @@ def profile_executor(executor, inputs: dict[str, np.ndarray], backend: str,
     with cuda_profiler_range(profiler_range_wanted(backend)) as capturing:
         report["cuda_profiler_range"] = capturing
         if hasattr(executor, "runners"):
-            wall = stage_wall_times(executor, one, config.stage_repeats, config.warmup)
+            wall = stage_wall_times(executor, one, config.stage_repeats, config.warmup,
+                                    nvtx=True)
             gpu, gpu_note = stage_gpu_times(executor, backend, one, config.stage_repeats,
                                             config.warmup)
             for name, samples in wall.items():

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import numpy as np
 
 from trt_exit import tensor_names as tn
+from trt_exit.profiling.nvtx import nvtx_range
 
 
 def summarize_ms(samples_ms: list[float] | np.ndarray) -> dict[str, float]:
@@ -40,26 +41,29 @@ def time_call(fn: Callable[[], Any], repeats: int = 100, warmup: int = 10) -> li
     return samples
 
 
-def measure_stage_latency(
-    executor, inputs: dict[str, np.ndarray], repeats: int = 200, warmup: int = 20
-) -> dict[str, float]:
-    """Median latency (ms) of every stage of ``executor``, each run alone on real values.
+def stage_order(num_exits: int) -> list[str]:
+    """Stage names in chain order: segment_0, exit_0, segment_1, exit_1, ..."""
+    return [tn.stage_name(kind, k) for k in range(num_exits) for kind in (tn.SEGMENT, tn.EXIT)]
 
-    The chain is run once on ``inputs`` (typically one sample) to get each stage's real input
-    values; the stages are then timed round-robin, so slow drifts of the machine touch all of
-    them alike.
 
-    Returns:
-        ``{stage name: median ms}``.
-    """
-    feeds = executor.validate_inputs(inputs)
+def stage_values(executor, feeds: dict[str, Any]) -> dict[str, Any]:
+    """Every tensor of ``executor``'s chain for ``feeds``: each stage's real input values."""
     values = dict(feeds)
-    names = []
-    for k in range(executor.num_exits):
-        for kind in (tn.SEGMENT, tn.EXIT):
-            name = tn.stage_name(kind, k)
-            values.update(executor.runners[name].run(values))
-            names.append(name)
+    for name in stage_order(executor.num_exits):
+        values.update(executor.runners[name].run(values))
+    return values
+
+
+def stage_wall_times(executor, feeds: dict[str, Any], repeats: int = 200, warmup: int = 20,
+                     nvtx: bool = False) -> dict[str, list[float]]:
+    """Wall-time samples (ms) of every stage of ``executor``, each run alone on real values.
+
+    The chain is run once on ``feeds`` (typically one sample) to get each stage's real input
+    values; the stages are then timed round-robin, so slow drifts of the machine touch all of
+    them alike. ``nvtx`` wraps each timed run in an NVTX range named after the stage.
+    """
+    values = stage_values(executor, feeds)
+    names = stage_order(executor.num_exits)
     for _ in range(warmup):
         for name in names:
             executor.runners[name].run(values)
@@ -68,6 +72,23 @@ def measure_stage_latency(
         for name in names:
             runner = executor.runners[name]
             began = time.perf_counter()
-            runner.run(values)
+            if nvtx:
+                with nvtx_range(name):
+                    runner.run(values)
+            else:
+                runner.run(values)
             samples[name].append((time.perf_counter() - began) * 1e3)
+    return samples
+
+
+def measure_stage_latency(
+    executor, inputs: dict[str, np.ndarray], repeats: int = 200, warmup: int = 20
+) -> dict[str, float]:
+    """Median latency (ms) of every stage of ``executor``, each run alone on real values
+    (:func:`stage_wall_times`); ``inputs`` are validated first.
+
+    Returns:
+        ``{stage name: median ms}``.
+    """
+    samples = stage_wall_times(executor, executor.validate_inputs(inputs), repeats, warmup)
     return {name: float(np.median(s)) for name, s in samples.items()}
