@@ -281,8 +281,14 @@ def test_bof_codebook_init_and_calibration_read_real_features(digits):
     (lambda: model_config("multi_exit_vit_tiny_test",
                           exits=[ExitSpec(1, "bof", {"codewords": 8}),
                                  ExitSpec(2, "bof", {"codewords": 16})]), "same number"),
+    (lambda: model_config("multi_exit_cnn_tiny_test", exits=[ExitSpec(1, "mlp")]),
+     "reads tokens"),
+    (lambda: model_config("multi_exit_cnn_tiny_test", head=ExitSpec(0, "vit_head")),
+     "reads tokens"),
+    (lambda: model_config("multi_exit_cnn_tiny_test",
+                          head=ExitSpec(0, "vit_head", {"pool": "avg"})), "reads tokens"),
 ], ids=["cnn_add-on-cnn", "vitee-on-cnn", "slvit-on-cnn", "slvit_cnn-on-vit", "cnn_head-on-vit",
-        "slvit_cnn-patch", "bof-codewords"])
+        "slvit_cnn-patch", "bof-codewords", "mlp-on-cnn", "vit_head-on-cnn", "vit_head-avg-on-cnn"])
 def test_family_in_the_wrong_place_is_a_clear_error(config, match):
     with pytest.raises(ConfigError, match=match):
         build_model(config())

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from trt_exit.models.exits.base import ExitContext, ExitHead, register_exit
+from trt_exit.models.exits.layout import TOKENS, require_class_token, require_layout
 
 
 @register_exit("vit_head")
@@ -28,6 +29,10 @@ class ClassTokenHead(ExitHead):
         super().__init__(context, confidence)
         if pool not in ("token", "avg"):
             raise ValueError(f"pool must be 'token' or 'avg', got {pool!r}")
+        if pool == "token":
+            require_class_token(context, self.type_name)
+        else:
+            require_layout(context, self.type_name, TOKENS)
         self.pool = pool
         self.norm = nn.LayerNorm(context.embed_dim, eps=1e-6)
         self.fc = nn.Linear(context.embed_dim, context.num_outputs)

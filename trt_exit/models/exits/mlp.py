@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trt_exit.models.exits.base import ExitContext, ExitHead, register_exit
+from trt_exit.models.exits.layout import require_class_token
 
 
 @register_exit("mlp")
@@ -25,6 +26,7 @@ class MLPExit(ExitHead):
     def __init__(self, context: ExitContext, hidden_dim: int | None = None,
                  confidence: str = "max_softmax"):
         super().__init__(context, confidence)
+        require_class_token(context, self.type_name)
         self.hidden_dim = int(hidden_dim or context.embed_dim)
         self.norm = nn.LayerNorm(context.embed_dim, eps=1e-6)
         self.fc1 = nn.Linear(context.embed_dim, self.hidden_dim)
