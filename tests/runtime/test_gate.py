@@ -104,3 +104,39 @@ def test_host_gate_compares_in_float32_like_the_kernel():
     done = gate_on_host(GateParams(0, use_threshold=True, threshold=0.1), conf,
                         np.ones(2, bool))
     np.testing.assert_array_equal(done, [True, True])
+
+
+@pytest.mark.parametrize("conditional", [True, False])
+def test_a_known_gpu_gets_a_cubin_for_its_own_architecture(conditional):
+    """A CUBIN loads without the driver's JIT, so an NVRTC newer than the driver (within one CUDA
+    major version) still works: what JetPack 6 (CUDA 12.6 driver) gets from pip's NVRTC 12.9."""
+    _nvrtc_or_skip()
+    from trt_exit.runtime.cuda.module import ELF_MAGIC, supported_archs
+    from trt_exit.runtime.gate import gate_image
+
+    for capability in [(8, 7), (9, 0)]:  # Jetson Orin, H100 / H200
+        if capability[0] * 10 + capability[1] not in supported_archs():
+            continue
+        image, target = gate_image(capability, conditional)
+        assert target == f"sm_{capability[0]}{capability[1]}"
+        assert image.startswith(ELF_MAGIC)
+        assert BEGIN_KERNEL.encode() in image and GATE_KERNEL.encode() in image
+
+
+def test_a_gpu_newer_than_nvrtc_gets_ptx_for_the_newest_older_target():
+    _nvrtc_or_skip()
+    from trt_exit.runtime.cuda.module import supported_archs
+    from trt_exit.runtime.gate import gate_image
+
+    newest = max(supported_archs())
+    image, target = gate_image((newest // 10 + 5, 0), conditional=True)
+    assert target == f"compute_{newest}"
+    assert image.endswith(b"\0") and f".target sm_{newest}".encode() in image
+
+
+def test_a_gpu_older_than_nvrtc_supports_is_a_clear_error():
+    _nvrtc_or_skip()
+    from trt_exit.runtime.gate import gate_image
+
+    with pytest.raises(CudaError, match="cannot target compute capability 3.0"):
+        gate_image((3, 0), conditional=False)

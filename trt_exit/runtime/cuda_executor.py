@@ -323,10 +323,8 @@ class CudaExecutor:
 
     def _gate_kernels(self, conditional: bool) -> GateKernels:
         if conditional not in self._gates:
-            from trt_exit.runtime.cuda.module import choose_arch
-
-            arch = choose_arch(self.device_info.compute_capability)
-            self._gates[conditional] = GateKernels(arch, conditional)
+            self._gates[conditional] = GateKernels(self.device_info.compute_capability,
+                                                   conditional)
         return self._gates[conditional]
 
     def graph_unavailable(self) -> str:

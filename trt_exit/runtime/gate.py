@@ -17,7 +17,7 @@ NaN confidences are never confident (``NaN >= t`` is false), as in the host exec
 deadline test is the host executor's: ``elapsed + latency(segment k+1) + latency(exit k+1) >
 budget``.
 
-The kernels are built twice: with ``TRT_EXIT_CONDITIONAL`` (graph mode; the PTX calls
+The kernels are built twice: with ``TRT_EXIT_CONDITIONAL`` (graph mode; the kernel calls
 ``cudaGraphSetConditional``, which only CUDA 12.4+ drivers resolve) and without (poll mode, any
 driver). One block does the whole batch: batches are small, and a block-wide reduction
 (``__syncthreads_or``) tells whether any sample is still running.
@@ -36,6 +36,7 @@ from trt_exit.runtime.cuda.module import (
     POINTER,
     UINT64,
     Module,
+    compile_for_device,
     compile_ptx,
 )
 
@@ -46,6 +47,7 @@ BLOCK_THREADS = 256
 #: NVRTC option that enables ``cudaGraphSetConditional`` (graph mode).
 CONDITIONAL_OPTION = "-DTRT_EXIT_CONDITIONAL=1"
 
+GATE_PROGRAM = "trt_exit_gate.cu"
 GATE_SOURCE = r"""
 // trt_exit gate kernels; see trt_exit/runtime/gate.py for what they decide.
 typedef unsigned long long cudaGraphConditionalHandle;
@@ -125,6 +127,10 @@ GATE_ARG_TYPES = (POINTER, POINTER, POINTER, POINTER, POINTER, POINTER, UINT64, 
                   INT32, INT32, INT32, INT32, FLOAT32, INT32, INT32, INT64, INT64)
 
 
+def _options(conditional: bool) -> tuple[str, ...]:
+    return (CONDITIONAL_OPTION,) if conditional else ()
+
+
 def gate_ptx(arch: int, conditional: bool) -> bytes:
     """PTX of the gate kernels for ``compute_<arch>`` (NVRTC; no GPU needed).
 
@@ -132,8 +138,14 @@ def gate_ptx(arch: int, conditional: bool) -> bytes:
         arch: Compute capability as an int (87 for Orin, 90 for H100/H200).
         conditional: Build the graph-mode variant (calls ``cudaGraphSetConditional``).
     """
-    options = (CONDITIONAL_OPTION,) if conditional else ()
-    return compile_ptx(GATE_SOURCE, "trt_exit_gate.cu", arch, options)
+    return compile_ptx(GATE_SOURCE, GATE_PROGRAM, arch, _options(conditional))
+
+
+def gate_image(compute_capability: tuple[int, int], conditional: bool) -> tuple[bytes, str]:
+    """The gate kernels for a GPU: a CUBIN for its architecture where NVRTC knows it, else PTX
+    (:func:`trt_exit.runtime.cuda.module.compile_for_device`); returns ``(image, target)``."""
+    return compile_for_device(GATE_SOURCE, GATE_PROGRAM, compute_capability,
+                              _options(conditional))
 
 
 @dataclass
@@ -187,14 +199,15 @@ class GateKernels:
     """The gate kernels loaded on the current GPU.
 
     Args:
-        arch: NVRTC target (see :func:`trt_exit.runtime.cuda.module.choose_arch`).
+        compute_capability: The GPU's, e.g. ``(9, 0)``.
         conditional: Load the graph-mode variant (needs a CUDA 12.4+ driver).
     """
 
-    def __init__(self, arch: int, conditional: bool):
+    def __init__(self, compute_capability: tuple[int, int], conditional: bool):
         self.conditional = conditional
-        self.module = Module(gate_ptx(arch, conditional),
-                             f"gate kernels ({'graph' if conditional else 'poll'} variant)")
+        image, self.target = gate_image(compute_capability, conditional)
+        self.module = Module(image, f"gate kernels ({'graph' if conditional else 'poll'} "
+                                    f"variant, {self.target})")
 
     def begin(self, stream: int, exit_index: int, batch: int, start_ns: int) -> None:
         """Enqueues ``trt_exit_begin``."""

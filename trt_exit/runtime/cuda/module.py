@@ -1,8 +1,11 @@
-"""Run-time compilation (NVRTC -> PTX), module loading and kernel launch (driver API).
+"""Run-time compilation (NVRTC -> CUBIN or PTX), module loading and kernel launch (driver API).
 
-:func:`compile_ptx` needs no GPU (NVRTC is a plain library: ``nvidia-cuda-nvrtc``), so kernel
-sources are checked in CPU-only CI. Loading (:class:`Module`) JIT-compiles the PTX for the
-current GPU through the driver.
+Compiling needs no GPU (NVRTC is a plain library: ``nvidia-cuda-nvrtc``), so kernel sources are
+checked in CPU-only CI. :func:`compile_for_device` picks the image a GPU loads best: a CUBIN for
+its own architecture when this NVRTC knows it (no JIT at load time, and CUDA's minor version
+compatibility lets an NVRTC newer than the driver within one major version produce it: NVRTC
+12.9 for JetPack 6's CUDA 12.6 driver), else PTX for the newest older target, which the driver
+JIT-compiles (and which it refuses when NVRTC is newer than the driver).
 """
 
 from __future__ import annotations
@@ -69,24 +72,61 @@ def compile_ptx(source: str, name: str, arch: int, options: tuple[str, ...] = ()
     Raises:
         CudaError: NVRTC is missing, or the source does not compile (with the compiler log).
     """
+    return _compile(source, name, f"compute_{arch}", options)
+
+
+@functools.lru_cache(maxsize=16)
+def compile_cubin(source: str, name: str, arch: int, options: tuple[str, ...] = ()) -> bytes:
+    """Compiles CUDA C++ ``source`` to a CUBIN (machine code) for ``sm_<arch>`` (no GPU needed);
+    arguments and errors as :func:`compile_ptx`."""
+    return _compile(source, name, f"sm_{arch}", options)
+
+
+def compile_for_device(source: str, name: str, compute_capability: tuple[int, int],
+                       options: tuple[str, ...] = ()) -> tuple[bytes, str]:
+    """The image of ``source`` that a GPU of ``compute_capability`` loads best, and its target.
+
+    Returns:
+        ``(image, target)``: a CUBIN and ``"sm_XY"`` when this NVRTC can target the GPU itself,
+        else NUL-terminated PTX and ``"compute_XY"`` for the newest target below it.
+
+    Raises:
+        CudaError: NVRTC is missing, cannot target this GPU at all, or the source does not
+            compile.
+    """
+    wanted = compute_capability[0] * 10 + compute_capability[1]
+    if wanted in supported_archs():
+        return compile_cubin(source, name, wanted, options), f"sm_{wanted}"
+    arch = choose_arch(compute_capability)
+    return compile_ptx(source, name, arch, options), f"compute_{arch}"
+
+
+def _compile(source: str, name: str, target: str, options: tuple[str, ...]) -> bytes:
+    """NVRTC: PTX for a ``compute_XY`` target, a CUBIN for ``sm_XY``."""
     _, _, nvrtc = bindings()
     nvrtc_version()
+    cubin = target.startswith("sm_")
     program = check(nvrtc.nvrtcCreateProgram(source.encode(), name.encode(), 0, [], []),
                     f"nvrtcCreateProgram({name})")
     try:
-        flags = [f"--gpu-architecture=compute_{arch}", "--std=c++17", "-default-device",
-                 *options]
+        flags = [f"--gpu-architecture={target}", "--std=c++17", "-default-device", *options]
         encoded = [f.encode() for f in flags]
         status = nvrtc.nvrtcCompileProgram(program, len(encoded), encoded)[0]
         if int(status) != 0:
-            raise CudaError(f"NVRTC could not compile {name} for compute_{arch} "
+            raise CudaError(f"NVRTC could not compile {name} for {target} "
                             f"({' '.join(flags)}):\n{_program_log(nvrtc, program)}")
-        size = check(nvrtc.nvrtcGetPTXSize(program), "nvrtcGetPTXSize")
+        if cubin:
+            size = check(nvrtc.nvrtcGetCUBINSize(program), "nvrtcGetCUBINSize")
+        else:
+            size = check(nvrtc.nvrtcGetPTXSize(program), "nvrtcGetPTXSize")
         # NVRTC writes into the buffer: it must be mutable (a bytes object is not, and a short
         # one may be an interned singleton shared by the whole process).
-        ptx = bytearray(size)
-        check(nvrtc.nvrtcGetPTX(program, ptx), "nvrtcGetPTX")
-        return bytes(ptx)
+        image = bytearray(size)
+        if cubin:
+            check(nvrtc.nvrtcGetCUBIN(program, image), "nvrtcGetCUBIN")
+        else:
+            check(nvrtc.nvrtcGetPTX(program, image), "nvrtcGetPTX")
+        return bytes(image)
     finally:
         nvrtc.nvrtcDestroyProgram(program)
 
@@ -139,21 +179,30 @@ def pack_args(args: Sequence[tuple[Any, type]]) -> KernelArgs:
     return KernelArgs(values, pointers)
 
 
+ELF_MAGIC = b"\x7fELF"
+
+
 class Module:
-    """A loaded PTX module (``cuModuleLoadData``) and its kernels, on the current context.
+    """A loaded module (``cuModuleLoadData`` of a CUBIN or PTX) and its kernels, on the current
+    context.
 
     Raises:
-        CudaError: The driver cannot JIT the PTX (e.g. PTX from a newer NVRTC than the driver:
-            install the NVRTC matching the driver's CUDA version).
+        CudaError: The driver cannot load the image (a CUBIN for another GPU, or PTX from a newer
+            NVRTC than the driver: install the NVRTC matching the driver's CUDA version).
     """
 
-    def __init__(self, ptx: bytes, what: str = "module"):
+    def __init__(self, image: bytes, what: str = "module"):
         driver, _, _ = bindings()
         self.what = what
-        self._ptx = ptx if ptx.endswith(b"\0") else ptx + b"\0"
-        self._module = check(driver.cuModuleLoadData(self._ptx),
-                             f"cuModuleLoadData ({what}: the driver could not JIT its PTX; the "
-                             f"NVRTC that wrote it must not be newer than the driver)")
+        if image.startswith(ELF_MAGIC):
+            hint = "a CUBIN must be for this GPU's architecture"
+            self._image = image
+        else:
+            hint = ("the driver could not JIT its PTX; the NVRTC that wrote it must not be newer "
+                    "than the driver")
+            self._image = image if image.endswith(b"\0") else image + b"\0"
+        self._module = check(driver.cuModuleLoadData(self._image),
+                             f"cuModuleLoadData ({what}: {hint})")
         self._functions: dict[str, Any] = {}
 
     def function(self, name: str) -> Any:
