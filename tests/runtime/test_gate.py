@@ -108,8 +108,9 @@ def test_host_gate_compares_in_float32_like_the_kernel():
 
 @pytest.mark.parametrize("conditional", [True, False])
 def test_a_known_gpu_gets_a_cubin_for_its_own_architecture(conditional):
-    """A CUBIN loads without the driver's JIT, so an NVRTC newer than the driver (within one CUDA
-    major version) still works: what JetPack 6 (CUDA 12.6 driver) gets from pip's NVRTC 12.9."""
+    """A CUBIN loads without the driver's JIT, so an NVRTC newer than the driver within one CUDA
+    major version can serve it (minor version compatibility: JetPack 6's CUDA 12.6 driver with
+    pip's NVRTC 12.9)."""
     _nvrtc_or_skip()
     from trt_exit.runtime.cuda.module import ELF_MAGIC, supported_archs
     from trt_exit.runtime.gate import gate_image
