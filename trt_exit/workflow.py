@@ -24,16 +24,13 @@ from trt_exit.errors import ConfigError
 from trt_exit.fileio import atomic_write_json
 from trt_exit.manifest import Manifest
 from trt_exit.training.datasets import Dataset, load_dataset
-from trt_exit.training.config import TrainConfig
+from trt_exit.training.config import DEMO_TRAIN, TrainConfig  # noqa: F401  DEMO_TRAIN: API
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 REPORT_NAME = "report.json"
 
-#: Training recipe of the demo: ViTs trained from scratch on 1,077 digits need augmentation.
-DEMO_TRAIN = TrainConfig(epochs=250, lr=3e-3, label_smoothing=0.1, augment_shift_px=1,
-                         augment_rotate_deg=12.0, augment_scale=0.1, seed=0)
 
 
 @dataclass
@@ -217,7 +214,7 @@ def evaluate_step(manifest: Manifest, test: Dataset, backend: str = "onnxruntime
     baseline graph (backbone and final head in one graph).
     """
     from trt_exit.runtime.executor import Executor, default_policy
-    from trt_exit.runtime.policies import AllExitsPolicy, FixedExitPolicy, ThresholdPolicy
+    from trt_exit.runtime.policies import AllExitsPolicy, FixedExitPolicy
     from trt_exit.runtime.tuning import per_sample_loss
     from trt_exit.training.trainer import exit_metric, metric_name
 

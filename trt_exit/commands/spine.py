@@ -82,7 +82,8 @@ def parse_dataset_options(items: list[str] | None) -> dict[str, str]:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from trt_exit.workflow import DEMO_TRAIN, DemoConfig, format_report, run_demo
+    from trt_exit.training.config import DEMO_TRAIN
+    from trt_exit.workflow import DemoConfig, format_report, run_demo
 
     config = DemoConfig(seed=args.seed, train=_train_config(args, DEMO_TRAIN),
                         exits=parse_exits(args.exits),
@@ -99,9 +100,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from trt_exit.training.config import TrainConfig
+    from trt_exit.training.config import DEMO_TRAIN, TrainConfig
     from trt_exit.training.trainer import evaluate
-    from trt_exit.workflow import CHECKPOINT_NAME, DEMO_TRAIN, train_step
+    from trt_exit.workflow import CHECKPOINT_NAME, train_step
 
     defaults = DEMO_TRAIN if args.model == "multi_exit_vit_digits" else TrainConfig()
     config = _train_config(args, defaults)
@@ -235,14 +236,15 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Adds demo, train, export, tune, eval and run."""
+    from trt_exit.training.config import DEMO_TRAIN
+
     p = subparsers.add_parser(
         "demo", help="train, export, tune and evaluate the digits model end to end",
         description="Trains a multi-exit ViT on scikit-learn's digits, exports one ONNX graph "
                     "per stage, tunes exit thresholds on the validation split and reports "
                     "accuracy and batch-1 latency of every exit on the test split.")
     p.add_argument("--out", required=True, help="output directory (report.json, manifest, ONNX)")
-    _add_train_options(p, "the demo recipe: 250 epochs, AdamW 3e-3, rotation/zoom/shift "
-                          "augmentation, label smoothing 0.1")
+    _add_train_options(p, f"the demo recipe: {DEMO_TRAIN.summary()}")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
                    help="stage runner backend (default: onnxruntime on the CPU); the report "
                         "covers fp32, and fp16 / int8 under 'precisions'")
