@@ -187,3 +187,18 @@ def test_regression_predictions_are_the_value_columns():
 
 def test_manifest_records_value_columns(tiny_export):
     assert Manifest.load(tiny_export).value_columns == 10  # classification: every logit
+
+
+class _HalfCudaArray:
+    __cuda_array_interface__ = {"shape": (1, 1, 8, 8), "typestr": "<f2", "data": (0, False),
+                                "version": 3}
+
+
+def test_device_inputs_are_checked_for_dtype_and_shape(executor):
+    from trt_exit.runtime.executor import validate_inputs
+
+    manifest = executor.manifest
+    feeds = validate_inputs(manifest, _CudaArray(), device_arrays=True)
+    assert isinstance(feeds["image"], _CudaArray)  # passed through, not copied
+    with pytest.raises(InputError, match=r"dtype float16, expected \(B, 1, 8, 8\) float32"):
+        validate_inputs(manifest, _HalfCudaArray(), device_arrays=True)

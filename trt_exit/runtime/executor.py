@@ -157,8 +157,14 @@ def validate_inputs(manifest: Manifest, inputs: Any, device_arrays: bool = False
                     f"input {name!r} is in GPU memory, but this backend runs on the CPU: copy it "
                     f"to the host first (e.g. tensor.cpu()), or use the torch / tensorrt backend"
                 )
+            interface = value.__cuda_array_interface__
+            if np.dtype(interface["typestr"]) != np.dtype(spec.dtype):
+                raise InputError(
+                    f"input {name!r} has dtype {np.dtype(interface['typestr'])}, expected "
+                    f"{expected}: convert it on the GPU first (e.g. tensor.float())"
+                )
             feeds[name] = value
-            shape, dtype = tuple(value.__cuda_array_interface__["shape"]), None
+            shape = tuple(interface["shape"])
         else:
             if hasattr(value, "detach") and getattr(value, "is_cuda", False):
                 raise InputError(f"input {name!r} is a CUDA tensor; this backend needs host arrays")
