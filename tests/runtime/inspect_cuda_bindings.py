@@ -2,14 +2,17 @@
 version first on ``sys.path``: resolves attribute chains of ``cuda.bindings.{driver,runtime,
 nvrtc}`` and prints, as JSON, the version and per chain either ``null`` (missing) or the
 parameter names of the callable it names (``[]`` for a non-callable, ``"?"`` when the signature
-cannot be read). Only attributes are read: nothing calls into the CUDA libraries.
+cannot be read); for struct types, which of the attribute paths the code reads exist on a fresh
+instance; and whether the conditional node parameters can be filled in as
+``trt_exit/runtime/cuda/graph.py`` does. Structs are built on the host: nothing calls into the
+CUDA libraries.
 """
 
 import inspect
 import json
 import sys
 
-site, chains = sys.argv[1], json.loads(sys.argv[2])
+site, chains, structs = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 sys.path.insert(0, site)
 
 import cuda.bindings  # noqa: E402
@@ -33,4 +36,31 @@ for chain in chains:
             found[chain] = "?"
     else:
         found[chain] = []
-print(json.dumps({"version": cuda.bindings.__version__, "found": found}))
+
+def resolve(obj, path):
+    for attr in path.split("."):
+        if not hasattr(obj, attr):
+            return False
+        obj = getattr(obj, attr)
+    return True
+
+
+struct_paths = {}
+for chain, paths in structs.items():
+    root, name = chain.split(".")
+    instance = getattr(roots[root], name)()
+    struct_paths[chain] = {path: resolve(instance, path) for path in paths}
+
+try:  # graph.py's IF node, with null handle and context
+    params = driver.CUgraphNodeParams()
+    params.type = driver.CUgraphNodeType.CU_GRAPH_NODE_TYPE_CONDITIONAL
+    params.conditional.handle = driver.CUgraphConditionalHandle(0)
+    params.conditional.type = driver.CUgraphConditionalNodeType.CU_GRAPH_COND_TYPE_IF
+    params.conditional.size = 1
+    params.conditional.ctx = driver.CUcontext(0)
+    conditional_params = None if int(params.conditional.size) == 1 else "size did not stick"
+except Exception as exc:  # noqa: BLE001  reported to the test
+    conditional_params = f"{type(exc).__name__}: {exc}"
+
+print(json.dumps({"version": cuda.bindings.__version__, "found": found,
+                  "struct_paths": struct_paths, "conditional_params": conditional_params}))

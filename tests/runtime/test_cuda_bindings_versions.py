@@ -36,6 +36,14 @@ VERSIONS = ("12.9.10", "13.0.3")
 PATHFINDER = "cuda-pathfinder==1.9.0"
 #: A name that exists in neither version: the checker must report it.
 MISSPELT = "driver.cuStreamBeginCaptur"
+#: Fields of binding structs the layer reads or writes on instances (which ``ast`` cannot tie
+#: to a type): struct -> attribute paths, each of which must appear in the layer's source.
+STRUCT_FIELDS = {
+    "driver.CUgraphNodeParams": ["type", "conditional.handle", "conditional.type",
+                                 "conditional.size", "conditional.ctx", "conditional.phGraph_out"],
+    "runtime.cudaDeviceProp": ["name", "major", "minor", "totalGlobalMem"],
+    "runtime.cudaPointerAttributes": ["type", "device"],
+}
 
 
 @dataclass(frozen=True)
@@ -121,7 +129,8 @@ def bindings(request, used) -> dict:
     site = _install(request.param)
     chains = sorted({u.chain for u in used} | {MISSPELT})
     # -S: only the wheel under test (and the standard library) is importable.
-    result = subprocess.run([sys.executable, "-S", str(INSPECT), str(site), json.dumps(chains)],
+    result = subprocess.run([sys.executable, "-S", str(INSPECT), str(site), json.dumps(chains),
+                             json.dumps(STRUCT_FIELDS)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
@@ -162,3 +171,20 @@ def test_every_direct_call_fits_the_signature(bindings, used):
 
 def test_the_checker_reports_a_misspelt_name(bindings):
     assert bindings["found"][MISSPELT] is None
+
+
+def test_declared_struct_fields_are_the_ones_the_layer_uses():
+    source = "\n".join(p.read_text() for p in binding_modules())
+    for struct, paths in STRUCT_FIELDS.items():
+        for path in paths:
+            assert f".{path}" in source, f"{struct}.{path} is declared but not used"
+
+
+def test_struct_fields_exist(bindings):
+    missing = [f"{struct}.{path}" for struct, paths in bindings["struct_paths"].items()
+               for path, present in paths.items() if not present]
+    assert not missing, f"not in cuda-bindings {bindings['version']}: {missing}"
+
+
+def test_the_conditional_node_parameters_can_be_filled_in(bindings):
+    assert bindings["conditional_params"] is None, bindings["conditional_params"]
