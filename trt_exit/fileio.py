@@ -1,4 +1,4 @@
-"""Atomic file writes and hashing.
+"""Atomic file writes, hashing, and reading users' array files.
 
 Nothing trt_exit writes is ever left half-written: every file goes to a temporary name in the
 same directory, is flushed to disk, and is renamed over the target in one step (``os.replace`` is
@@ -74,3 +74,27 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
         for chunk in iter(lambda: handle.read(chunk_bytes), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def load_arrays(path: str | os.PathLike, what: str = "array file") -> Any:
+    """A user's array file: ``.npz`` -> ``{name: array}`` (read in full, file closed), ``.npy`` ->
+    one array. Never unpickles.
+
+    Raises:
+        InputError: ``path`` is missing (the message starts with ``what``) or not an array file.
+    """
+    import numpy as np
+
+    from trt_exit.errors import InputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} {path} does not exist")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{path} is not a .npy or .npz array file ({exc})") from exc
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            return {name: loaded[name] for name in loaded.files}
+    return loaded

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from trt_exit.errors import ConfigError, InputError
+from trt_exit.fileio import load_arrays
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +44,8 @@ def load_profile_inputs(manifest, source: str, samples: int, seed: int = 0):
     path = Path(source)
     if not path.is_file():
         raise InputError(f"--inputs {source}: use dataset, random, or an .npz file")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise InputError(f"{path} is not an .npz array file ({exc})") from exc
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
+    loaded = load_arrays(path, "--inputs file")
+    if not isinstance(loaded, dict):
         if len(manifest.inputs) != 1:
             raise InputError(f"{path}: this model takes {[s.name for s in manifest.inputs]}; "
                              f"save them in one .npz by name")

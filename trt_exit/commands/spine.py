@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from trt_exit.errors import ConfigError, InputError
+from trt_exit.errors import ConfigError
 
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -204,20 +204,11 @@ def parse_policy(text: str | None, manifest):
 
 
 def _run(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from trt_exit.fileio import atomic_write_text
+    from trt_exit.fileio import atomic_write_text, load_arrays
     from trt_exit.runtime.executor import Executor
 
     manifest = _load_manifest(args.dir)
-    path = Path(args.input)
-    if not path.is_file():
-        raise InputError(f"input file {path} does not exist")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise InputError(f"{path} is not a .npy or .npz array file ({exc})") from exc
-    inputs = dict(loaded) if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
+    inputs = load_arrays(args.input, "input file")
     policy = parse_policy(args.policy, manifest)
     with Executor(manifest, args.backend, args.precision) as executor:
         results = executor.run(inputs, policy)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from trt_exit.errors import ArtifactError, InputError
-from trt_exit.fileio import atomic_path, sha256_file
+from trt_exit.fileio import atomic_path, load_arrays, sha256_file
 from trt_exit.manifest import FileRef, Manifest
 
 #: Where a manifest directory keeps its calibration set.
@@ -77,17 +77,9 @@ def from_file(path: str | os.PathLike) -> CalibrationSet:
     """A calibration set from a user's ``.npz`` (arrays named like the model inputs) or ``.npy``
     (models with one input)."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"calibration file {path} does not exist")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise InputError(f"{path} is not a .npy or .npz array file ({exc})") from exc
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        with loaded:
-            inputs = {name: loaded[name] for name in loaded.files}
-    else:
-        inputs = {"": loaded}  # named after the model's single input in check()
+    loaded = load_arrays(path, "calibration file")
+    # A bare array is named after the model's single input in check().
+    inputs = loaded if isinstance(loaded, dict) else {"": loaded}
     return CalibrationSet(inputs, {"kind": "file", "path": str(path.resolve()),
                                    "sha256": sha256_file(path)})
 
