@@ -108,3 +108,16 @@ def test_bad_training_config(digits):
     model = create_model("multi_exit_vit_tiny_test")
     with pytest.raises(ConfigError, match="unknown training regime"):
         train(model, digits["train"], TrainConfig(regime="layer_wise"), progress=False)
+
+
+def test_dataset_options_from_the_command_line_are_typed_and_checked():
+    from trt_exit.errors import ConfigError
+    from trt_exit.training.datasets import load_dataset
+
+    splits = load_dataset("synthetic_av_crowd", seed=0, train="8", val="4", test="4",
+                          degraded_fraction="0.5")
+    assert [len(splits[s].targets) for s in ("train", "val", "test")] == [8, 4, 4]
+    with pytest.raises(ConfigError, match="has no option 'train_size'; its options: train, val"):
+        load_dataset("synthetic_av_crowd", train_size="8")
+    with pytest.raises(ConfigError, match="option 'train' takes an integer, got 'many'"):
+        load_dataset("synthetic_av_crowd", train="many")

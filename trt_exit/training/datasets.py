@@ -7,7 +7,7 @@ targets. Splits are deterministic: the same seed gives the same samples on every
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -107,10 +107,47 @@ def dataset_names() -> list[str]:
 
 
 def load_dataset(name: str, seed: int = 0, **kwargs: Any) -> dict[str, Dataset]:
-    """Loads a registered dataset's splits."""
+    """Loads a registered dataset's splits.
+
+    ``kwargs`` are the loader's options; text values (from the command line's
+    ``--dataset-option KEY=VALUE``) are converted to the type of the option's default.
+
+    Raises:
+        ConfigError: Unknown dataset, unknown option, or a value of the wrong type.
+    """
     if name not in _LOADERS:
         raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(dataset_names())}")
-    return _LOADERS[name](seed=seed, **kwargs)
+    loader = _LOADERS[name]
+    return loader(seed=seed, **_loader_options(name, loader, kwargs))
+
+
+def _loader_options(name: str, loader: Callable, options: dict[str, Any]) -> dict[str, Any]:
+    import inspect
+
+    parameters = {p.name: p for p in inspect.signature(loader).parameters.values()
+                  if p.name != "seed" and p.kind is p.POSITIONAL_OR_KEYWORD}
+    unknown = sorted(set(options) - set(parameters))
+    if unknown:
+        raise ConfigError(f"dataset {name!r} has no option {', '.join(map(repr, unknown))}; its "
+                          f"options: {', '.join(parameters) or 'none'}")
+    converted = {}
+    for key, value in options.items():
+        default = parameters[key].default
+        kind = type(default)
+        if isinstance(value, str) and kind in (bool, int, float):
+            try:
+                if kind is bool:
+                    if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                        raise ValueError(value)
+                    value = value.lower() in ("1", "true", "yes")
+                else:
+                    value = kind(value)
+            except ValueError:
+                wanted = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+                raise ConfigError(f"dataset {name!r} option {key!r} takes {wanted}, "
+                                  f"got {value!r}") from None
+        converted[key] = value
+    return converted
 
 
 # Dataset families in their own modules register themselves when imported (at the end, so that
