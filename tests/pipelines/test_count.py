@@ -180,6 +180,8 @@ def test_stop_event_stops_cleanly_and_joins_threads(av_model, tmp_path):
 
 
 def test_ctrl_c_prints_the_summary_and_loses_no_line(av_model, tmp_path):
+    # The command turns SIGINT into a stop request (checked between frames): a
+    # KeyboardInterrupt raised inside a queue's lock could hang the capture thread's join.
     out = tmp_path / "live.jsonl"
     process = subprocess.Popen(
         [sys.executable, "-m", "trt_exit", "count", "synthetic://crowd?fps=20",
@@ -217,6 +219,7 @@ def test_sigterm_stops_cleanly(av_model, tmp_path, capsys, caplog):
         os.kill(os.getpid(), signal.SIGTERM)
 
     before = signal.getsignal(signal.SIGTERM)
+    before_int = signal.getsignal(signal.SIGINT)
     killer = threading.Thread(target=terminate_when_running)
     killer.start()
     try:
@@ -228,6 +231,7 @@ def test_sigterm_stops_cleanly(av_model, tmp_path, capsys, caplog):
     assert "stopped: interrupted" in capsys.readouterr().out
     assert "hears silence" in caplog.text  # the video-only run says so
     assert signal.getsignal(signal.SIGTERM) is before
+    assert signal.getsignal(signal.SIGINT) is before_int
     read_jsonl(out)
 
 
@@ -342,3 +346,23 @@ def test_duration_limit_stops_a_realtime_run_on_time(av_model, tmp_path):
     assert result["stop_reason"] == "duration"
     assert 1.5 <= result["duration_s"] < 3.0
     assert result["frames"] <= 20 * result["duration_s"] + 2  # paced, never ahead of the clock
+
+
+def test_ctrl_c_during_start_up_still_ends_with_a_summary(av_model, tmp_path):
+    out = tmp_path / "early.jsonl"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trt_exit", "count", "synthetic://crowd?fps=20",
+         f"jsonl://{out}", "--audio", "synthetic://crowd", "--engines", str(av_model),
+         "--realtime"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120  # the signal handlers are in place once it logs
+        while time.monotonic() < deadline and not out.exists():
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stderr
+    assert "stopped: interrupted" in stdout
+    assert len(read_jsonl(out)) == int(stdout.split(" frames in")[0].split()[-1])

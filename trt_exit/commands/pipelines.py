@@ -121,13 +121,21 @@ def _count(args: argparse.Namespace) -> int:
                          reconnect_s=args.reconnect_s,
                          cuda_profiler=profiler_range_wanted(args.backend))
     stop = threading.Event()
-    previous = signal.getsignal(signal.SIGTERM)
+    # Ctrl-C and docker stop finish the frame in hand and close everything. A KeyboardInterrupt
+    # raised at an arbitrary point could land inside a queue's lock and hang the capture
+    # thread's join; a second Ctrl-C still interrupts at once.
+    handled = (signal.SIGINT, signal.SIGTERM)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {signum: signal.getsignal(signum) for signum in handled}
 
-    def on_sigterm(signum, frame):  # docker stop: finish the frame, close everything
+    def on_stop_signal(signum, frame):
+        if signum == signal.SIGINT and stop.is_set():
+            raise KeyboardInterrupt
         stop.set()
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_sigterm)
+    if in_main_thread:
+        for signum in handled:
+            signal.signal(signum, on_stop_signal)
     status = None if args.no_status else StatusLine(sys.stderr)
     try:
         with open_executor(manifest, args.backend, args.precision, policy, args.threads) as executor:
@@ -142,8 +150,9 @@ def _count(args: argparse.Namespace) -> int:
                     _write_summary(args.summary, summary)
                     raise
     finally:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, previous)
+        if in_main_thread:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
     print(summary.format())
     _write_summary(args.summary, summary)
     return 0
