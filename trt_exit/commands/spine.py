@@ -83,7 +83,8 @@ def parse_dataset_options(items: list[str] | None) -> dict[str, str]:
 
 def _demo(args: argparse.Namespace) -> int:
     from trt_exit.training.config import DEMO_TRAIN
-    from trt_exit.workflow import DemoConfig, format_report, run_demo
+    from trt_exit.demo import DemoConfig, run_demo
+    from trt_exit.workflow import format_report
 
     config = DemoConfig(seed=args.seed, train=_train_config(args, DEMO_TRAIN),
                         exits=parse_exits(args.exits),

@@ -97,7 +97,12 @@ _LOADERS = {"digits": load_digits}
 
 
 def register_dataset(name: str, loader) -> None:
-    """Registers ``loader(seed=..., **kwargs) -> {split: Dataset}`` under ``name``."""
+    """Registers ``loader(seed=..., **kwargs) -> {split: Dataset}`` under ``name``.
+
+    A dataset family's module calls this at its end; :mod:`trt_exit.training` (the package)
+    imports every built-in family, so importing anything from the package fills the registry,
+    and this module never imports a family back.
+    """
     _LOADERS[name] = loader
 
 
@@ -149,7 +154,3 @@ def _loader_options(name: str, loader: Callable, options: dict[str, Any]) -> dic
         converted[key] = value
     return converted
 
-
-# Dataset families in their own modules register themselves when imported (at the end, so that
-# they can import Dataset and register_dataset from here).
-from trt_exit.training import audio_datasets, crowd_datasets  # noqa: E402,F401  isort: skip

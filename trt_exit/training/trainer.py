@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from trt_exit.errors import ConfigError
 from trt_exit.models.exits import CLASSIFICATION
 from trt_exit.models.multi_exit import MultiExitModel
+from trt_exit.models.predict import forward_inputs
+from trt_exit.models.predict import predict_exits as predict_inputs
 from trt_exit.training.config import (  # noqa: F401  TrainConfig and the regimes: the trainer's API
     CLASSIFIER_WISE,
     END_TO_END,
@@ -89,24 +91,9 @@ def _to_torch(dataset: Dataset) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     return inputs, torch.from_numpy(np.ascontiguousarray(dataset.targets))
 
 
-def _forward(model: MultiExitModel, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    from trt_exit import tensor_names as tn
-
-    audio = inputs.get(tn.AUDIO)
-    return model(inputs[model.backbone_input], audio)
-
-
-@torch.no_grad()
 def predict_exits(model: MultiExitModel, dataset: Dataset, batch_size: int = 256) -> list[np.ndarray]:
     """Outputs of every exit on ``dataset``: a list of (N, num_outputs) float32 arrays."""
-    model.eval()
-    inputs, _ = _to_torch(dataset)
-    chunks: list[list[np.ndarray]] = [[] for _ in range(model.num_exits)]
-    for start in range(0, len(dataset), batch_size):
-        batch = {k: v[start : start + batch_size] for k, v in inputs.items()}
-        for k, out in enumerate(_forward(model, batch)):
-            chunks[k].append(out.float().numpy())
-    return [np.concatenate(c) for c in chunks]
+    return predict_inputs(model, dataset.inputs, batch_size)
 
 
 def exit_metric(output: np.ndarray, targets: np.ndarray, task: str, columns: int | None = None) -> float:
@@ -200,7 +187,7 @@ def _run_phase(
             batch_targets = targets[idx]
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
-            outputs = _forward(model, batch)
+            outputs = forward_inputs(model, batch)
             per_exit = targets_fn(model, batch, batch_targets) if targets_fn else batch_targets
             loss = multi_exit_loss(model, outputs, per_exit, weights, config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)

@@ -199,12 +199,12 @@ def measure_mean_activations(model, dataset, batch_size: int = 256) -> dict[int,
     Returns:
         ``{exit index: mean activation}``.
     """
-    from trt_exit.training.trainer import predict_exits
+    from trt_exit.models.predict import predict_exits
 
     indices = bof_exits(model)
     if not indices:
         raise ConfigError("the model has no BoF exits to calibrate")
-    outputs = predict_exits(model, dataset, batch_size)
+    outputs = predict_exits(model, dataset.inputs, batch_size)
     measured = {}
     for k in indices:
         probabilities = torch.from_numpy(outputs[k]).softmax(dim=-1)
