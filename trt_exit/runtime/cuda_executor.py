@@ -145,6 +145,60 @@ def plan_exits(policy: Policy, num_exits: int,
 
 
 @dataclass(frozen=True)
+class ChainStep:
+    """One step of the exit chain as every strategy walks it.
+
+    Attributes:
+        stage: Stage name (``segment_k`` / ``exit_k``), or "" for a gate.
+        gate: The gate's parameters (gates only).
+        branches: A gate after which the rest of the chain runs only if some sample is still
+            running: an IF node (graph), a host wait on the flag (poll), a host decision (eager).
+    """
+
+    stage: str = ""
+    gate: GateParams | None = None
+    branches: bool = False
+
+
+def chain_steps(plan: ExitPlan) -> list[ChainStep]:
+    """The stages and gates a plan runs, in order (the one walk all three strategies share)."""
+    steps = []
+    for k in range(plan.last + 1):
+        steps.append(ChainStep(tn.stage_name(tn.SEGMENT, k)))
+        if plan.heads[k]:
+            steps.append(ChainStep(tn.stage_name(tn.EXIT, k)))
+        gate = plan.gates[k]
+        if gate is not None:
+            steps.append(ChainStep(gate=gate, branches=k < plan.last))
+    return steps
+
+
+def conditional_nodes(plan: ExitPlan) -> int:
+    """IF nodes in the graph of ``plan`` (one per gate that can stop the chain early)."""
+    return sum(step.branches for step in chain_steps(plan))
+
+
+def choose_strategy(requested: str, graph_reason: str, poll_reason: str) -> tuple[str, str]:
+    """The strategy that can run, and why it is not the one requested ("" if it is).
+
+    Args:
+        requested: ``auto``, ``graph``, ``poll`` or ``eager``.
+        graph_reason: Why graph cannot run here ("" if it can).
+        poll_reason: Why poll cannot run here ("" if it can): its gate kernels do not load.
+
+    Falls back only to a strategy that works: graph -> poll -> eager (eager needs no kernel).
+    """
+    if requested == "eager":
+        return "eager", ""
+    if requested in ("auto", "graph") and not graph_reason:
+        return "graph", ""
+    reasons = [graph_reason] if requested in ("auto", "graph") else []
+    if not poll_reason:
+        return "poll", "; ".join(reasons)
+    return "eager", "; ".join(dict.fromkeys([*reasons, poll_reason]))
+
+
+@dataclass(frozen=True)
 class DeviceResults:
     """Results in the executor's device buffers (valid until its next run; owns nothing).
 
@@ -180,6 +234,9 @@ class CudaExecutor:
         backend_options: Keyword options of the backend (the torch backend's device defaults to
             this executor's GPU).
         graph_cache_size: Captured graphs kept (per policy, batch and input address).
+        device_timing: Time every run on the GPU too (:attr:`last_device_ms`): CUDA events on
+            the executor's stream, one before the run's first work and one before its last
+            synchronization.
 
     Raises:
         CudaUnavailableError: No usable GPU (the message says what to use instead).
@@ -190,7 +247,8 @@ class CudaExecutor:
     def __init__(self, manifest: Manifest | str | Path, backend: str | Backend = "torch",
                  precision: str = "fp32", policy: Policy | None = None, strategy: str = "auto",
                  max_batch: int = 8, device: int = 0,
-                 backend_options: dict[str, Any] | None = None, graph_cache_size: int = 8):
+                 backend_options: dict[str, Any] | None = None, graph_cache_size: int = 8,
+                 device_timing: bool = False):
         from trt_exit.runtime.cuda.api import use_device
 
         if strategy not in ("auto", *STRATEGIES):
@@ -209,9 +267,14 @@ class CudaExecutor:
         self._graphs: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
         self._graph_failures: dict[tuple, str] = {}
         self._gates: dict[bool, GateKernels] = {}
+        self._kernel_reasons: dict[bool, str] = {}
         self._full = None
-        self._syncs = 0
-        self._graph_reason: str | None = None
+        self.device_timing = device_timing
+        #: GPU time of the last run (ms) with ``device_timing``, else None.
+        self.last_device_ms: float | None = None
+        #: Exit chains captured as graphs so far (each capture costs a warm-up and syncs).
+        self.captures = 0
+        self._timed = False
         self._plans: dict[int, tuple[Policy, str, ExitPlan]] = {}
         options = dict(backend_options or {})
         if backend == "torch":
@@ -284,6 +347,7 @@ class CudaExecutor:
         self._body_streams: list[Any] = []
         self._sync_event = own(Event(timing=False))
         self._producer_event = own(Event(timing=False))
+        self._time_events = (own(Event(timing=True)), own(Event(timing=True)))
         self.buffers = {
             name: own(DeviceBuffer(mb * _sample_bytes(spec), name))
             for name, spec in self.specs.items()
@@ -327,38 +391,57 @@ class CudaExecutor:
                                                    conditional)
         return self._gates[conditional]
 
+    def kernels_unavailable(self, conditional: bool) -> str:
+        """Why the gate kernels of graph (``conditional``) or poll mode cannot load ("" if they
+        can): an NVRTC newer than the driver, no NVRTC, or a module the driver refuses."""
+        if conditional not in self._kernel_reasons:
+            from trt_exit.runtime.cuda.api import version_mismatch
+            from trt_exit.runtime.cuda.module import nvrtc_version
+
+            reason = ""
+            try:
+                reason = version_mismatch(self.device_info.driver_version, 0,
+                                          nvrtc_version()[0])
+                if not reason:
+                    self._gate_kernels(conditional)
+            except CudaError as exc:
+                reason = str(exc)
+            variant = "graph" if conditional else "poll"
+            self._kernel_reasons[conditional] = (
+                f"the {variant}-mode gate kernel does not load: {reason}" if reason else "")
+        return self._kernel_reasons[conditional]
+
     def graph_unavailable(self) -> str:
         """Why the graph strategy cannot run here ("" if it can)."""
-        if self._graph_reason is None:
-            self._graph_reason = ""
-            if not self.device_info.conditional_nodes:
-                from trt_exit.runtime.cuda.api import format_version
+        if not self.device_info.conditional_nodes:
+            from trt_exit.runtime.cuda.api import format_version
 
-                self._graph_reason = (
-                    f"the driver supports CUDA {format_version(self.device_info.driver_version)}; "
-                    f"conditional graph nodes need 12.4+ (JetPack 6.1+)")
-            else:
-                try:
-                    self._gate_kernels(conditional=True)
-                except CudaError as exc:
-                    self._graph_reason = f"the graph-mode gate kernel does not load: {exc}"
-        return self._graph_reason
+            return (f"the driver supports CUDA {format_version(self.device_info.driver_version)}"
+                    f"; conditional graph nodes need 12.4+ (JetPack 6.1+)")
+        return self.kernels_unavailable(conditional=True)
 
     def _choose_strategy(self, requested: str) -> str:
-        if requested in ("poll", "eager"):
-            return requested
-        reason = self.graph_unavailable()
-        if not reason:
-            return "graph"
-        self.fallback_reason = reason
-        level = logging.INFO if requested == "auto" else logging.WARNING
-        log.log(level, "CUDA executor: using the poll strategy instead of graph: %s", reason)
-        return "poll"
+        if requested == "eager":
+            return "eager"
+        graph_reason = self.graph_unavailable() if requested in ("auto", "graph") else ""
+        poll_reason = self.kernels_unavailable(conditional=False) if graph_reason or \
+            requested == "poll" else ""
+        chosen, reason = choose_strategy(requested, graph_reason, poll_reason)
+        if chosen != requested and requested != "auto" or reason:
+            self.fallback_reason = reason
+            level = logging.INFO if requested == "auto" else logging.WARNING
+            log.log(level, "CUDA executor: using the %s strategy instead of %s: %s", chosen,
+                    "graph" if requested == "auto" else requested, reason)
+        return chosen
 
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
         """Releases graphs, runners, the backend, kernels and every buffer (in that order)."""
+        from trt_exit.runtime.cuda.api import make_current
+
+        with contextlib.suppress(CudaError):
+            make_current(self.device)
         if getattr(self, "stream", None) is not None and self.stream.handle:
             with contextlib.suppress(CudaError):
                 self.stream.synchronize()
@@ -458,11 +541,16 @@ class CudaExecutor:
         addresses[spec.name] = array.address
         return int(shape[0]), addresses, [], [] if array.stream is None else [array.stream]
 
-    def _wait_for_producers(self, producers: list[int]) -> None:
+    def _start(self, producers: list[int]) -> None:
+        """Orders the executor's stream after the inputs' producers (no host wait) and, with
+        ``device_timing``, marks the start of the run's GPU work."""
         from trt_exit.runtime.cuda.stream import wait_for_producer
 
         for producer in producers:
             wait_for_producer(self.stream, producer, self._producer_event)
+        if self.device_timing:
+            self._time_events[0].record(self.stream.handle)
+            self._timed = True
 
     # ------------------------------------------------------------------ enqueue helpers
 
@@ -486,7 +574,7 @@ class CudaExecutor:
             kernels.begin(stream, self._result_address(0), batch, self.start_ns.address)
 
     def _gate(self, kernels: GateKernels, stream: int, params: GateParams, batch: int,
-              flag: int = 0, handle: int = 0) -> None:
+              flag: int = 0, handle: Any = None) -> None:
         k = params.exit_k
         with nvtx_range(f"gate_{k}", "gate"):
             kernels.gate(stream, params, confidence=self._addresses[tn.exit_confidence(k)],
@@ -521,8 +609,10 @@ class CudaExecutor:
                 self.readback.array((batch, self.num_outputs), np.float32, out_offset))
 
     def _synchronize(self) -> None:
-        """The host waits for the stream (counted: :attr:`ExitResults.host_syncs`)."""
-        self._syncs += 1
+        """The host waits for the stream (the CUDA layer counts it: :attr:`host_syncs`); with
+        ``device_timing`` the end of the GPU work is marked first (the last mark counts)."""
+        if self._timed:
+            self._time_events[1].record(self.stream.handle)
         with nvtx_range("synchronize", "copy"):
             self.stream.synchronize()
 
@@ -568,13 +658,19 @@ class CudaExecutor:
                 ``poll`` where graphs are not available, with the reason logged).
 
         Returns:
-            Per-sample results; ``strategy`` and ``host_syncs`` say how the run went.
+            Per-sample results; ``strategy`` and ``host_syncs`` (as counted by the CUDA layer)
+            say how the run went.
         """
+        from trt_exit.runtime.cuda.api import make_current
+        from trt_exit.runtime.cuda.stream import host_syncs
+
+        make_current(self.device)
         strategy = self._strategy(strategy)
         policy = policy or self.policy
         plan = None if isinstance(policy, AllExitsPolicy) else self.plan(policy)  # validates
-        syncs_before = self._syncs
+        syncs_before = host_syncs()
         began = time.perf_counter()
+        self._timed = False
         with nvtx_range(f"infer_{strategy}", "full"):
             batch, addresses, host_inputs, producers = self._bind(inputs)
             if plan is None:
@@ -584,7 +680,7 @@ class CudaExecutor:
                 if strategy == "graph":
                     results = self._run_graph(plan, batch, addresses, host_inputs, producers)
                     if results is None:
-                        strategy = "poll"
+                        strategy = "poll" if not self.kernels_unavailable(False) else "eager"
                 if strategy == "poll":
                     results = self._run_poll(plan, batch, addresses, host_inputs, producers)
                 elif strategy == "eager":
@@ -592,22 +688,23 @@ class CudaExecutor:
                                               began)
         results.latency_ms = (time.perf_counter() - began) * 1e3
         results.strategy = strategy
-        results.host_syncs = self._syncs - syncs_before
+        results.host_syncs = host_syncs() - syncs_before
         results.value_columns = self.manifest.value_columns
+        self.last_device_ms = self._device_ms()
         return results
 
+    def _device_ms(self) -> float | None:
+        if not self._timed:
+            return None
+        self._timed = False
+        return self._time_events[1].elapsed_ms(self._time_events[0])
+
     def _strategy(self, strategy: str | None) -> str:
-        if strategy is None:
-            return self.strategy
-        if strategy == "auto":
+        if strategy is None or strategy == "auto" or strategy == self.strategy:
             return self.strategy
         if strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy {strategy!r}; choose auto, graph, poll or eager")
-        if strategy == "graph" and self.graph_unavailable():
-            log.warning("CUDA executor: graph strategy unavailable (%s); polling",
-                        self.graph_unavailable())
-            return "poll"
-        return strategy
+        return self._choose_strategy(strategy)
 
     def _results(self, batch: int, with_device: bool) -> ExitResults:
         exit_index, output, confidence = self._host_results(batch)
@@ -619,29 +716,35 @@ class CudaExecutor:
     def _run_graph(self, plan: ExitPlan, batch: int, addresses: dict[str, int],
                    host_inputs: list[str], producers: list[int]) -> ExitResults | None:
         """One graph launch, one synchronization; None if the chain cannot be captured."""
-        from trt_exit.runtime.cuda.graph import CaptureError
-
         bound = tuple((s.name, addresses[s.name]) for s in self.manifest.inputs)
         key = (plan.key, batch, bound, tuple(host_inputs))
         graph = self._graphs.get(key)
         if graph is None:
             if plan.key in self._graph_failures:
                 return None
+            # The capture's warm-up reads the inputs: order it after their producers first.
+            self._start(producers)
+            self._timed = False
             try:
                 graph = self._capture(plan, batch, addresses, host_inputs)
-            except CaptureError as exc:
+            except CudaError as exc:  # CaptureError, or any failure while making the graph
                 self._graph_failures[plan.key] = str(exc)
                 log.warning("CUDA executor: the exit chain could not be captured as a CUDA "
                             "graph (%s); polling for this policy instead", exc)
                 return None
+            self.captures += 1
             self._remember(self._graphs, key, graph)
         else:
             self._graphs.move_to_end(key)
-        self._wait_for_producers(producers)
+        self._start(producers)
         with nvtx_range("graph_launch"):
             graph.launch(self.stream.handle)
         self._synchronize()
         return self._results(batch, with_device=True)
+
+    def graph_conditional_nodes(self) -> list[int]:
+        """IF nodes of each cached exit-chain graph (as captured; for tests and benchmarks)."""
+        return [graph.conditional_nodes for graph in self._graphs.values()]
 
     def _remember(self, cache: collections.OrderedDict, key: tuple, graph: Any) -> None:
         cache[key] = graph
@@ -649,9 +752,9 @@ class CudaExecutor:
             _, old = cache.popitem(last=False)
             old.close()  # not in flight: every run ends with a synchronization
 
-    def _warm_up(self, plan: ExitPlan, batch: int, addresses: dict[str, int],
+    def _warm_up(self, steps: list[ChainStep], batch: int, addresses: dict[str, int],
                  streams: list[int]) -> None:
-        """Runs the plan's stages once on every stream the capture will use, so that lazy
+        """Runs the chain's stages once on every stream the capture will use, so that lazy
         allocations (TensorRT's first run, PyTorch's per-stream workspaces) happen before
         capturing, not during it."""
         from trt_exit.runtime.cuda.stream import stream_wait
@@ -660,75 +763,77 @@ class CudaExecutor:
         for stream in streams:  # one after another: each waits for the previous one
             self._sync_event.record(main)
             stream_wait(stream, self._sync_event)
-            for k in range(plan.last + 1):
-                self._stage(tn.stage_name(tn.SEGMENT, k), stream, addresses, batch)
-                if plan.heads[k]:
-                    self._stage(tn.stage_name(tn.EXIT, k), stream, addresses, batch)
+            for step in steps:
+                if step.stage:
+                    self._stage(step.stage, stream, addresses, batch)
             self._sync_event.record(stream)
             stream_wait(main, self._sync_event)
         self._synchronize()
 
     def _capture(self, plan: ExitPlan, batch: int, addresses: dict[str, int],
                  host_inputs: list[str]) -> Any:
-        from trt_exit.runtime.cuda.graph import GraphCapture
+        from trt_exit.runtime.cuda.graph import CaptureError, GraphCapture
 
         kernels = self._gate_kernels(conditional=True)
         main = self.stream.handle
-        levels = sum(1 for k in range(plan.last) if plan.gates[k] is not None)
+        steps = chain_steps(plan)
+        levels = conditional_nodes(plan)
         streams = [main] + [self._body_stream(level) for level in range(1, levels + 1)]
         self._copy_inputs(main, host_inputs, batch)
-        self._warm_up(plan, batch, addresses, streams)
-        with GraphCapture(main, what=f"exit chain (batch {batch})") as capture:
+        self._warm_up(steps, batch, addresses, streams)
+        with GraphCapture(main, what=f"exit chain (batch {batch})",
+                          context=self.device_info.context) as capture:
             self._begin(kernels, main, batch)
             self._copy_inputs(main, host_inputs, batch)
             with contextlib.ExitStack() as bodies:
                 stream, level = main, 0
-                for k in range(plan.last + 1):
-                    self._stage(tn.stage_name(tn.SEGMENT, k), stream, addresses, batch)
-                    if plan.heads[k]:
-                        self._stage(tn.stage_name(tn.EXIT, k), stream, addresses, batch)
-                    gate = plan.gates[k]
-                    if gate is None:
-                        continue
-                    if k == plan.last:
-                        self._gate(kernels, stream, gate, batch)
-                        break
-                    handle = capture.conditional_handle(stream)
-                    self._gate(kernels, stream, gate, batch, handle=int(handle))
-                    level += 1
-                    stream = bodies.enter_context(
-                        capture.if_body(stream, handle, streams[level]))
+                for step in steps:
+                    if step.stage:
+                        self._stage(step.stage, stream, addresses, batch)
+                    elif not step.branches:
+                        self._gate(kernels, stream, step.gate, batch)
+                    else:
+                        handle = capture.conditional_handle(stream)
+                        self._gate(kernels, stream, step.gate, batch, handle=handle)
+                        level += 1
+                        stream = bodies.enter_context(
+                            capture.if_body(stream, handle, streams[level]))
             self._copy_results(main, batch)
         graph = capture.instantiate()
-        graph.upload(main)
+        if graph.conditional_nodes != levels:
+            graph.close()
+            raise CaptureError(f"the graph holds {graph.conditional_nodes} IF nodes, the plan "
+                               f"{levels}")
+        try:
+            graph.upload(main)
+        except CaptureError:
+            graph.close()
+            raise
         return graph
 
     # poll -----------------------------------------------------------------
 
     def _run_poll(self, plan: ExitPlan, batch: int, addresses: dict[str, int],
                   host_inputs: list[str], producers: list[int]) -> ExitResults:
+        """One host wait per gate evaluated: the results are copied back behind every gate, so
+        the wait that reads a "stop" flag also delivers them."""
         kernels = self._gate_kernels(conditional=False)
         main = self.stream.handle
         flags = self.flags.array((self.num_exits,), np.uint32)
-        self._wait_for_producers(producers)
+        self._start(producers)
         self._begin(kernels, main, batch)
         self._copy_inputs(main, host_inputs, batch)
-        for k in range(plan.last + 1):
-            self._stage(tn.stage_name(tn.SEGMENT, k), main, addresses, batch)
-            if plan.heads[k]:
-                self._stage(tn.stage_name(tn.EXIT, k), main, addresses, batch)
-            gate = plan.gates[k]
-            if gate is None:
+        for step in chain_steps(plan):
+            if step.stage:
+                self._stage(step.stage, main, addresses, batch)
                 continue
-            if k == plan.last:
-                self._gate(kernels, main, gate, batch)
-                break
-            self._gate(kernels, main, gate, batch, flag=self.flags.device_address + 4 * k)
+            k = step.gate.exit_k
+            self._gate(kernels, main, step.gate, batch,
+                       flag=self.flags.device_address + 4 * k if step.branches else 0)
+            self._copy_results(main, batch)
             self._synchronize()
-            if not flags[k]:
+            if not step.branches or not flags[k]:
                 break
-        self._copy_results(main, batch)
-        self._synchronize()
         return self._results(batch, with_device=True)
 
     # eager ----------------------------------------------------------------
@@ -736,19 +841,18 @@ class CudaExecutor:
     def _run_eager(self, plan: ExitPlan, batch: int, addresses: dict[str, int],
                    host_inputs: list[str], producers: list[int], began: float) -> ExitResults:
         main = self.stream.handle
-        self._wait_for_producers(producers)
+        self._start(producers)
         self._copy_inputs(main, host_inputs, batch)
         exit_index = np.full(batch, -1, np.int32)
         output = np.zeros((batch, self.num_outputs), np.float32)
         confidence = np.zeros(batch, np.float32)
         running = np.ones(batch, dtype=bool)
-        for k in range(plan.last + 1):
-            self._stage(tn.stage_name(tn.SEGMENT, k), main, addresses, batch)
-            if plan.heads[k]:
-                self._stage(tn.stage_name(tn.EXIT, k), main, addresses, batch)
-            gate = plan.gates[k]
-            if gate is None:
+        for step in chain_steps(plan):
+            if step.stage:
+                self._stage(step.stage, main, addresses, batch)
                 continue
+            gate = step.gate
+            k = gate.exit_k
             conf_k, out_k = self._readback(main, k, batch)
             self._synchronize()
             over = gate.deadline and (
@@ -767,7 +871,7 @@ class CudaExecutor:
     def _run_all(self, batch: int, addresses: dict[str, int], host_inputs: list[str],
                  producers: list[int]) -> ExitResults:
         main = self.stream.handle
-        self._wait_for_producers(producers)
+        self._start(producers)
         self._copy_inputs(main, host_inputs, batch)
         views = []
         for k in range(self.num_exits):
@@ -786,8 +890,11 @@ class CudaExecutor:
     def run_full_model(self, inputs: Any, strategy: str | None = None) -> ExitResults:
         """Runs the no-exit baseline (backbone and final head as one stage), as one CUDA graph
         with ``strategy="graph"`` (the default where graphs work), else enqueued directly."""
-        from trt_exit.runtime.cuda.graph import CaptureError, GraphCapture
+        from trt_exit.runtime.cuda.api import make_current
+        from trt_exit.runtime.cuda.graph import GraphCapture
+        from trt_exit.runtime.cuda.stream import host_syncs
 
+        make_current(self.device)
         strategy = self._strategy(strategy)
         if self._full is None:
             runner = self.backend.open_full_model(self.manifest, self.precision)
@@ -797,8 +904,9 @@ class CudaExecutor:
             self._share_scratch(runner)
             self._full = {"runner": runner, "graphs": collections.OrderedDict(), "failed": ""}
         runner = self._full["runner"]
-        syncs_before = self._syncs
+        syncs_before = host_syncs()
         began = time.perf_counter()
+        self._timed = False
         batch, addresses, host_inputs, producers = self._bind(inputs)
         final = self.num_exits - 1
         main = self.stream.handle
@@ -815,27 +923,35 @@ class CudaExecutor:
             graph = self._full["graphs"].get(key)
             if graph is None:
                 try:
+                    self._start(producers)
+                    self._timed = False
                     enqueue(main)  # warm-up outside the capture
                     self._synchronize()
-                    with GraphCapture(main, what="full model") as capture:
+                    with GraphCapture(main, what="full model",
+                                      context=self.device_info.context) as capture:
                         enqueue(main)
                     graph = capture.instantiate()
+                    graph.upload(main)
                     self._remember(self._full["graphs"], key, graph)
-                except CaptureError as exc:
+                except CudaError as exc:  # CaptureError, or any failure while making the graph
+                    if graph is not None:
+                        graph.close()
+                        graph = None
                     self._full["failed"] = str(exc)
                     log.warning("CUDA executor: the full model could not be captured (%s)", exc)
             if graph is not None:
-                self._wait_for_producers(producers)
+                self._start(producers)
                 graph.launch(main)
                 used = "graph"
         if used == "eager":
-            self._wait_for_producers(producers)
+            self._start(producers)
             enqueue(main)
         confidence, output = self._readback(main, final, batch)
         self._synchronize()
+        self.last_device_ms = self._device_ms()
         return ExitResults(np.full(batch, final, np.int32), output.copy(), confidence.copy(),
                            self.manifest.task, (time.perf_counter() - began) * 1e3,
-                           strategy=used, host_syncs=self._syncs - syncs_before,
+                           strategy=used, host_syncs=host_syncs() - syncs_before,
                            value_columns=self.manifest.value_columns)
 
     def _share_scratch(self, runner: DeviceStageRunner) -> None:
@@ -850,51 +966,73 @@ class CudaExecutor:
             block = self._own(DeviceBuffer(need, f"{runner.name} scratch"))
         runner.set_scratch(block.address, block.size_bytes)
 
-    def profile_stages(self, inputs: Any, repeats: int = 100, warmup: int = 10) -> dict[str, float]:
+    def profile_stages(self, inputs: Any, repeats: int = 100, warmup: int = 10,
+                       chain_overheads: bool = False) -> dict[str, float]:
         """Each stage's own GPU time (median ms), timed alone with CUDA events.
 
         Each stage is captured into a graph of its own where possible, so the time is the GPU
         work without host launch gaps; otherwise its direct enqueue is timed. The chain is first
         run once on ``inputs`` so every stage reads real values.
-        """
-        from trt_exit.runtime.cuda.graph import CaptureError, GraphCapture
-        from trt_exit.runtime.cuda.stream import Event
 
+        Args:
+            inputs: As for :meth:`run`.
+            repeats: Timed launches per stage.
+            warmup: Untimed launches first.
+            chain_overheads: Also time what every chain adds to its stages, each alone in a
+                graph: ``gate_begin`` (the begin kernel), ``gate`` (one gate kernel, threshold
+                mode) and ``copy_results`` (the results copied to pinned host memory).
+        """
+        from trt_exit.runtime.cuda.api import make_current
+
+        make_current(self.device)
         self.run(inputs, AllExitsPolicy())
         batch, addresses, _, _ = self._bind(inputs)
-        main = self.stream.handle
         times: dict[str, float] = {}
-        with Event(timing=True) as start, Event(timing=True) as end:
-            for stage in self.manifest.stages:
-                runner = self.runners[stage.name]
-                graph = None
-                try:
-                    with GraphCapture(main, what=stage.name) as capture:
-                        runner.enqueue(main, addresses, batch)
-                    graph = capture.instantiate()
-                except CaptureError as exc:
-                    log.info("profiling %s without a graph: %s", stage.name, exc)
+        for stage in self.manifest.stages:
+            runner = self.runners[stage.name]
+            times[stage.name] = self._time_alone(
+                stage.name, lambda s, r=runner: r.enqueue(s, addresses, batch), repeats, warmup)
+        if chain_overheads:
+            kernels = self._gate_kernels(conditional=False)
+            params = GateParams(0, use_threshold=True, threshold=1.0)
+            times["gate_begin"] = self._time_alone(
+                "gate_begin", lambda s: self._begin(kernels, s, batch), repeats, warmup)
+            times["gate"] = self._time_alone(
+                "gate", lambda s: self._gate(kernels, s, params, batch), repeats, warmup)
+            times["copy_results"] = self._time_alone(
+                "copy_results", lambda s: self._copy_results(s, batch), repeats, warmup)
+        return times
 
-                def launch() -> None:
+    def _time_alone(self, what: str, enqueue, repeats: int, warmup: int) -> float:
+        """Median GPU time (ms) of ``enqueue(stream)``, captured alone in a graph if it can be."""
+        from trt_exit.runtime.cuda.graph import GraphCapture
+        from trt_exit.runtime.cuda.stream import Event
+
+        main = self.stream.handle
+        graph = None
+        try:
+            with GraphCapture(main, what=what, context=self.device_info.context) as capture:
+                enqueue(main)
+            graph = capture.instantiate()
+        except CudaError as exc:
+            log.info("profiling %s without a graph: %s", what, exc)
+        samples = []
+        with Event(timing=True) as start, Event(timing=True) as end:
+            try:
+                for i in range(warmup + repeats):
+                    start.record(main)
                     if graph is not None:
                         graph.launch(main)
                     else:
-                        runner.enqueue(main, addresses, batch)
-
-                samples = []
-                try:
-                    for i in range(warmup + repeats):
-                        start.record(main)
-                        launch()
-                        end.record(main)
-                        end.synchronize()
-                        if i >= warmup:
-                            samples.append(end.elapsed_ms(start))
-                finally:
-                    if graph is not None:
-                        graph.close()
-                times[stage.name] = float(np.median(samples))
-        return times
+                        enqueue(main)
+                    end.record(main)
+                    end.synchronize()
+                    if i >= warmup:
+                        samples.append(end.elapsed_ms(start))
+            finally:
+                if graph is not None:
+                    graph.close()
+        return float(np.median(samples))
 
     def describe(self) -> dict[str, Any]:
         """Device, backend and strategy, for reports."""

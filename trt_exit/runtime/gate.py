@@ -10,7 +10,8 @@ Two kernels, compiled at run time with NVRTC (to PTX for the GPU's compute capab
   segment and exit no longer fit in the deadline budget) takes exit ``k``: its exit index,
   confidence and output row are written to the result buffers; samples that exited earlier keep
   their result. Then it sets the decision "run the next stage" (some sample is still running):
-  ``cudaGraphSetConditional`` on the IF node's handle in graph mode, and/or a flag in mapped
+  ``cudaGraphSetConditional`` on the IF node's handle in graph mode (an explicit flag says
+  whether there is one), and/or a flag in mapped
   pinned memory that the host reads in poll mode.
 
 NaN confidences are never confident (``NaN >= t`` is false), as in the host executor. The
@@ -26,6 +27,7 @@ driver). One block does the whole batch: batches are small, and a block-wide red
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -77,7 +79,8 @@ extern "C" __global__ void trt_exit_gate(
     float* result_confidence,       // (B,) result
     float* result_output,           // (B, K) result
     unsigned int* flag,             // poll mode: mapped pinned decision flag, else null
-    cudaGraphConditionalHandle handle,  // graph mode: the next IF node's handle, else 0
+    cudaGraphConditionalHandle handle,  // graph mode: the next IF node's handle
+    int set_condition,              // 1: set `handle` (graph mode); 0: there is no handle
     const unsigned long long* start_ns,  // begin kernel's timestamp
     int batch, int num_outputs, int exit_k,
     int use_threshold, float threshold, int force,
@@ -114,7 +117,7 @@ extern "C" __global__ void trt_exit_gate(
     unsigned int go_on = running ? 1u : 0u;
     if (flag != nullptr) *(volatile unsigned int*)flag = go_on;
 #ifdef TRT_EXIT_CONDITIONAL
-    if (handle != 0) cudaGraphSetConditional(handle, go_on);
+    if (set_condition) cudaGraphSetConditional(handle, go_on);
 #endif
   }
 }
@@ -123,7 +126,7 @@ extern "C" __global__ void trt_exit_gate(
 
 #: Argument types of the kernels, in the order of their parameters in GATE_SOURCE.
 BEGIN_ARG_TYPES = (POINTER, INT32, POINTER)
-GATE_ARG_TYPES = (POINTER, POINTER, POINTER, POINTER, POINTER, POINTER, UINT64, POINTER,
+GATE_ARG_TYPES = (POINTER, POINTER, POINTER, POINTER, POINTER, POINTER, UINT64, INT32, POINTER,
                   INT32, INT32, INT32, INT32, FLOAT32, INT32, INT32, INT64, INT64)
 
 
@@ -195,6 +198,21 @@ def gate_on_host(params: GateParams, confidence: np.ndarray, running: np.ndarray
     return done & running
 
 
+def gate_arguments(params: GateParams, *, confidence: int, output: int, exit_index: int,
+                   result_confidence: int, result_output: int, start_ns: int, batch: int,
+                   num_outputs: int, flag: int = 0, handle: Any = None) -> list:
+    """The values of ``trt_exit_gate``'s parameters, in the order of :data:`GATE_ARG_TYPES`.
+
+    Whether the gate sets a graph condition is an explicit flag (``handle`` is not None): a
+    ``cudaGraphConditionalHandle`` is an opaque value, and 0 may be a valid one.
+    """
+    set_condition = handle is not None
+    return [confidence, output, exit_index, result_confidence, result_output, flag,
+            int(handle) if set_condition else 0, int(set_condition), start_ns, batch,
+            num_outputs, params.exit_k, int(params.use_threshold), float(params.threshold),
+            int(params.force), int(params.deadline), int(params.budget_ns), int(params.next_ns)]
+
+
 class GateKernels:
     """The gate kernels loaded on the current GPU.
 
@@ -216,14 +234,15 @@ class GateKernels:
 
     def gate(self, stream: int, params: GateParams, *, confidence: int, output: int,
              exit_index: int, result_confidence: int, result_output: int, start_ns: int,
-             batch: int, num_outputs: int, flag: int = 0, handle: int = 0) -> None:
-        """Enqueues ``trt_exit_gate`` for one exit (addresses are device pointers)."""
-        if handle and not self.conditional:
+             batch: int, num_outputs: int, flag: int = 0, handle: Any = None) -> None:
+        """Enqueues ``trt_exit_gate`` for one exit (addresses are device pointers; ``handle``:
+        the conditional handle to set, None for none)."""
+        if handle is not None and not self.conditional:
             raise ValueError("the poll variant of the gate cannot set a graph condition")
-        values = [confidence, output, exit_index, result_confidence, result_output, flag,
-                  int(handle), start_ns, batch, num_outputs, params.exit_k,
-                  int(params.use_threshold), float(params.threshold), int(params.force),
-                  int(params.deadline), int(params.budget_ns), int(params.next_ns)]
+        values = gate_arguments(params, confidence=confidence, output=output,
+                                exit_index=exit_index, result_confidence=result_confidence,
+                                result_output=result_output, start_ns=start_ns, batch=batch,
+                                num_outputs=num_outputs, flag=flag, handle=handle)
         self.module.launch(GATE_KERNEL, stream, 1, BLOCK_THREADS,
                            list(zip(values, GATE_ARG_TYPES)))
 

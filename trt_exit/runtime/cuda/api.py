@@ -14,7 +14,7 @@ Without a GPU the runtime reports an error code (``cudaGetDeviceCount`` ->
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from trt_exit.errors import CudaError, CudaUnavailableError, require
@@ -22,7 +22,56 @@ from trt_exit.errors import CudaError, CudaUnavailableError, require
 #: Oldest driver with conditional graph nodes (IF / WHILE): CUDA 12.4 (JetPack 6.1).
 CONDITIONAL_NODES_DRIVER = 12040
 _PURPOSE = "The CUDA executor"
-_HINT = "torch's CUDA wheels install it too; on JetPack 6 use cuda-python 12.x"
+_HINT = ("torch's CUDA wheels install it too; on a CUDA 12 driver (JetPack 6, R550-R575 "
+         "servers) install 'trt-exit[cuda12]', on a CUDA 13 driver (R580+) 'trt-exit[cuda13]'")
+#: The one-command install of the CUDA layer for each driver major version (setup.py extras).
+CUDA_EXTRAS = {12: "pip install 'trt-exit[cuda12]'", 13: "pip install 'trt-exit[cuda13]'"}
+
+
+def install_for_driver(driver_version: int) -> str:
+    """The command that installs cuda-bindings and NVRTC of the driver's CUDA major version."""
+    major = driver_version // 1000
+    return CUDA_EXTRAS.get(major, f"pip install 'cuda-bindings[all]=={major}.*'")
+
+
+def version_mismatch(driver_version: int, bindings_major: int,
+                     nvrtc_major: int | None = None) -> str:
+    """Why the installed CUDA Python packages cannot work with this driver ("" if they can).
+
+    A driver runs code built for its own CUDA major version or older: cuda-bindings 13 (its
+    runtime) and NVRTC 13 (its CUBIN and PTX) need a CUDA 13 driver (R580+); JetPack 6 (CUDA
+    12.6) and servers on R550-R575 need the 12.x packages. Older packages on a newer driver are
+    fine.
+
+    Args:
+        driver_version: What ``cuDriverGetVersion`` reports (e.g. 12060); 0 if unknown.
+        bindings_major: Major version of ``cuda.bindings``.
+        nvrtc_major: Major version of the NVRTC library, None if not checked.
+    """
+    if driver_version <= 0:
+        return ""
+    driver_major = driver_version // 1000
+    install = install_for_driver(driver_version)
+    if bindings_major > driver_major:
+        return (f"cuda-bindings {bindings_major}.x needs a CUDA {bindings_major} driver, but this "
+                f"driver supports CUDA {format_version(driver_version)}: install the CUDA "
+                f"{driver_major} packages ({install}, which pins cuda-bindings<{driver_major + 1}"
+                f"), or update the NVIDIA driver")
+    if nvrtc_major is not None and nvrtc_major > driver_major:
+        return (f"NVRTC {nvrtc_major}.x writes kernels that a CUDA "
+                f"{format_version(driver_version)} driver cannot load: install the CUDA "
+                f"{driver_major} NVRTC ({install}), or update the NVIDIA driver")
+    return ""
+
+
+def driver_version_or_zero() -> int:
+    """``cuDriverGetVersion`` without ``cuInit`` (0 when there is no driver library)."""
+    driver, _, _ = bindings()
+    try:
+        status, version = driver.cuDriverGetVersion()
+    except RuntimeError:  # cuda-pathfinder found no libcuda
+        return 0
+    return int(version) if _is_success(status) else 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,6 +172,9 @@ def cuda_status() -> CudaStatus:
         return CudaStatus(False, str(exc))
     runtime_version = runtime.cudaRuntimeGetVersion()
     runtime_version = runtime_version[1] if _is_success(runtime_version[0]) else 0
+    mismatch = version_mismatch(driver_version_or_zero(), binding_version()[0])
+    if mismatch:
+        return CudaStatus(False, mismatch, runtime_version=runtime_version)
     status, count = runtime.cudaGetDeviceCount()
     if not _is_success(status):
         return CudaStatus(False, f"no usable NVIDIA GPU: cudaGetDeviceCount returned "
@@ -166,6 +218,8 @@ class DeviceInfo:
         driver_version: CUDA version the driver supports (e.g. 12060).
         runtime_version: CUDA version of the bindings' runtime.
         total_memory_bytes: Global memory.
+        context: Its primary context (``CUcontext``): where the executor creates conditional
+            handles and IF nodes, whatever is current when it does.
     """
 
     index: int
@@ -174,6 +228,7 @@ class DeviceInfo:
     driver_version: int
     runtime_version: int
     total_memory_bytes: int
+    context: Any = field(default=None, compare=False, repr=False)
 
     @property
     def conditional_nodes(self) -> bool:
@@ -207,8 +262,18 @@ def use_device(index: int = 0) -> DeviceInfo:
     _, runtime, _ = bindings()
     check(runtime.cudaSetDevice(index), f"cudaSetDevice({index})")
     check(runtime.cudaFree(0), "cudaFree(0) (creating the primary context)")
+    driver, _, _ = bindings()
+    context = check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")
     props = check(runtime.cudaGetDeviceProperties(index), f"cudaGetDeviceProperties({index})")
     name = props.name
     name = name.split(b"\0")[0].decode() if isinstance(name, bytes) else str(name)
     return DeviceInfo(index, name, (int(props.major), int(props.minor)), status.driver_version,
-                      status.runtime_version, int(props.totalGlobalMem))
+                      status.runtime_version, int(props.totalGlobalMem), context)
+
+
+def make_current(index: int) -> None:
+    """Makes GPU ``index`` (its primary context) current on this thread if it is not: other code
+    on the thread (PyTorch on another GPU) may have changed it since :func:`use_device`."""
+    _, runtime, _ = bindings()
+    if check(runtime.cudaGetDevice(), "cudaGetDevice") != index:
+        check(runtime.cudaSetDevice(index), f"cudaSetDevice({index})")

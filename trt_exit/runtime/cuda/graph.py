@@ -38,15 +38,24 @@ def capture_mode(name: str = "relaxed") -> Any:
 class GraphExec:
     """An instantiated graph (``cudaGraphExec_t``): launch it as one unit of work."""
 
-    def __init__(self, graph: Any, what: str = "graph"):
+    def __init__(self, graph: Any, what: str = "graph", conditional_nodes: int = 0):
         _, runtime, _ = bindings()
         self.what = what
+        #: IF nodes in the graph (at every nesting level).
+        self.conditional_nodes = conditional_nodes
         self._exec = check(runtime.cudaGraphInstantiate(graph, 0), f"cudaGraphInstantiate ({what})")
 
     def upload(self, stream: int) -> None:
-        """Uploads the graph's resources ahead of the first launch (keeps it off the timing)."""
+        """Uploads the graph's resources ahead of the first launch (keeps it off the timing).
+
+        Raises:
+            CaptureError: The upload failed (part of making the graph: callers fall back).
+        """
         _, runtime, _ = bindings()
-        check(runtime.cudaGraphUpload(self._exec, stream), f"cudaGraphUpload ({self.what})")
+        try:
+            check(runtime.cudaGraphUpload(self._exec, stream), f"cudaGraphUpload ({self.what})")
+        except (CudaError, RuntimeError) as exc:
+            raise CaptureError(f"uploading {self.what} failed: {exc}") from exc
 
     def launch(self, stream: int) -> None:
         _, runtime, _ = bindings()
@@ -79,15 +88,33 @@ class GraphCapture:
         graph_exec = capture.instantiate()
 
     Leaving the ``with`` block by an exception ends every open capture (so the streams are
-    usable again) and raises :class:`CaptureError`.
+    usable again) and raises :class:`CaptureError`; so does a failure of the end of the capture
+    itself (``cuStreamEndCapture`` reports an invalidated capture there).
+
+    Args:
+        stream: The stream whose work is captured.
+        mode: Capture mode (see :func:`capture_mode`).
+        what: For messages.
+        context: The ``CUcontext`` the conditional handles and IF nodes belong to (the
+            executor's device; default: the context current on this thread).
     """
 
-    def __init__(self, stream: int, mode: str = "relaxed", what: str = "graph"):
+    def __init__(self, stream: int, mode: str = "relaxed", what: str = "graph",
+                 context: Any = None):
         self.stream = stream
         self.mode = mode
         self.what = what
+        self.context = context
+        #: IF nodes added so far.
+        self.conditional_nodes = 0
         self._open: list[int] = []  # streams capturing, outermost first
         self._graph: Any = None
+
+    def _context(self) -> Any:
+        if self.context is None:
+            driver, _, _ = bindings()
+            self.context = check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")
+        return self.context
 
     def __enter__(self) -> "GraphCapture":
         driver, _, _ = bindings()
@@ -99,9 +126,14 @@ class GraphCapture:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             driver, _, _ = bindings()
+            try:
+                self._graph = check(driver.cuStreamEndCapture(self.stream),
+                                    f"cuStreamEndCapture ({self.what})")
+            except (CudaError, RuntimeError) as end_exc:
+                self._abort()
+                raise CaptureError(f"ending the capture of {self.what} failed: {end_exc}") \
+                    from end_exc
             self._open.pop()
-            self._graph = check(driver.cuStreamEndCapture(self.stream),
-                                f"cuStreamEndCapture ({self.what})")
             return None
         self._abort()
         if isinstance(exc, CaptureError) or not isinstance(exc, Exception):
@@ -113,7 +145,10 @@ class GraphCapture:
         driver, _, _ = bindings()
         while self._open:
             stream = self._open.pop()
-            status, graph = driver.cuStreamEndCapture(stream)
+            try:
+                status, graph = driver.cuStreamEndCapture(stream)
+            except RuntimeError:  # no driver library: nothing is capturing
+                continue
             if int(status) == 0 and graph is not None and int(graph) and stream == self.stream:
                 driver.cuGraphDestroy(graph)
         # An invalidated capture leaves a sticky "capture invalidated" error on the stream
@@ -126,9 +161,8 @@ class GraphCapture:
         info = compat.capture_info(stream)
         if not info.active:
             raise CaptureError(f"stream {stream:#x} is not capturing: cannot add a condition")
-        context = check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")
         return check(driver.cuGraphConditionalHandleCreate(
-            info.graph, context, default, driver.CU_GRAPH_COND_ASSIGN_DEFAULT),
+            info.graph, self._context(), default, driver.CU_GRAPH_COND_ASSIGN_DEFAULT),
             "cuGraphConditionalHandleCreate")
 
     @contextlib.contextmanager
@@ -148,16 +182,21 @@ class GraphCapture:
         params.conditional.handle = handle
         params.conditional.type = driver.CUgraphConditionalNodeType.CU_GRAPH_COND_TYPE_IF
         params.conditional.size = 1
-        params.conditional.ctx = check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")
+        params.conditional.ctx = self._context()
         node = compat.graph_add_node(info.graph, info.dependencies, params)
+        self.conditional_nodes += 1
         compat.set_capture_dependencies(stream, [node])
         body = params.conditional.phGraph_out[0]
         compat.begin_capture_to_graph(body_stream, body, capture_mode(self.mode))
         self._open.append(body_stream)
         yield body_stream
-        self._open.pop()
         # The body graph belongs to the IF node: do not destroy what EndCapture returns.
-        check(driver.cuStreamEndCapture(body_stream), "cuStreamEndCapture (IF body)")
+        try:
+            check(driver.cuStreamEndCapture(body_stream), "cuStreamEndCapture (IF body)")
+        except (CudaError, RuntimeError) as exc:
+            raise CaptureError(f"ending the capture of an IF body of {self.what} failed: "
+                               f"{exc}") from exc
+        self._open.pop()
 
     def instantiate(self) -> GraphExec:
         """Instantiates the captured graph (then frees the template)."""
@@ -166,7 +205,7 @@ class GraphCapture:
         driver, _, _ = bindings()
         graph, self._graph = self._graph, None
         try:
-            return GraphExec(graph, self.what)
+            return GraphExec(graph, self.what, self.conditional_nodes)
         except CudaError as exc:
             raise CaptureError(f"instantiating {self.what} failed: {exc}") from exc
         finally:

@@ -11,6 +11,7 @@ still reading a buffer never sees it freed under it.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,8 +131,8 @@ class ExternalArray:
         address: Device pointer of element 0.
         shape: Array shape.
         dtype: Element type.
-        stream: The producer's stream from the interface (v3), or None: work reading the array
-            must wait for it.
+        stream: The stream work reading the array must be ordered after
+            (:func:`producer_stream`), or None when no ordering is needed.
     """
 
     address: int
@@ -178,8 +179,38 @@ def external_array(name: str, value: Any, device: int,
         if where != device:
             raise InputError(f"input {name!r} is on GPU {where}, but the executor runs on GPU "
                              f"{device}: move it (e.g. tensor.to('cuda:{device}'))")
-    stream = interface.get("stream")
-    return ExternalArray(address, shape, dtype, int(stream) if stream is not None else None)
+    return ExternalArray(address, shape, dtype, producer_stream(value, interface))
+
+
+#: ``cudaStreamLegacy``: the legacy default stream, as the interface (v3) and the runtime name it.
+LEGACY_DEFAULT_STREAM = 1
+
+
+def producer_stream(value: Any, interface: dict[str, Any]) -> int | None:
+    """The stream whose work a consumer of ``value`` must be ordered after, or None.
+
+    * A CUDA torch tensor: torch's current stream on the tensor's device. torch exports
+      interface version 2, which has no ``stream`` key, and writes tensors on its current
+      stream; its default stream (handle 0) is the legacy default stream.
+    * Interface version 3 (CuPy, Numba, pycuda): the ``stream`` key (1: legacy default stream,
+      2: per-thread default stream, else a ``cudaStream_t``); absent or None means the producer
+      requires no synchronization (the specification's rule).
+    * Version 2 from anything else: the producer cannot say; our choice is the legacy default
+      stream, which is ordered after the work of every blocking stream of the context.
+
+    The executor records an event on that stream and makes its own (non-blocking) stream wait
+    for it: no host synchronization.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor) and value.is_cuda:
+        handle = int(torch.cuda.current_stream(value.device).cuda_stream)
+        return handle if handle else LEGACY_DEFAULT_STREAM
+    if int(interface.get("version", 0)) >= 3:
+        stream = interface.get("stream")
+        if stream is None:
+            return None
+        return int(stream) if int(stream) else LEGACY_DEFAULT_STREAM
+    return LEGACY_DEFAULT_STREAM
 
 
 def pointer_device(address: int) -> int | None:

@@ -6,6 +6,7 @@ an event or the stream that will complete it (never ``cudaDeviceSynchronize``).
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from trt_exit.runtime.cuda.api import bindings, check
@@ -27,8 +28,10 @@ class Stream:
         self.handle = int(self._stream)
 
     def synchronize(self) -> None:
-        """Blocks the host until all work enqueued so far has finished."""
+        """Blocks the host until all work enqueued so far has finished (counted:
+        :func:`host_syncs`)."""
         _, runtime, _ = bindings()
+        _SYNCS.count += 1
         check(runtime.cudaStreamSynchronize(self.handle), f"cudaStreamSynchronize ({self.what})")
 
     def wait(self, event: "Event") -> None:
@@ -69,8 +72,10 @@ class Event:
         return self
 
     def synchronize(self) -> None:
-        """Blocks the host until the work before the last :meth:`record` has finished."""
+        """Blocks the host until the work before the last :meth:`record` has finished (counted:
+        :func:`host_syncs`)."""
         _, runtime, _ = bindings()
+        _SYNCS.count += 1
         check(runtime.cudaEventSynchronize(self.handle), "cudaEventSynchronize")
 
     def elapsed_ms(self, start: "Event") -> float:
@@ -111,8 +116,22 @@ def stream_wait(stream: int, event: "Event") -> None:
 
 def wait_for_producer(consumer: Stream, producer: Any, event: Event) -> None:
     """Makes ``consumer`` wait for the work a ``__cuda_array_interface__`` producer enqueued on
-    its stream (interface v3: 1 = legacy default stream, 2 = per-thread default stream)."""
-    if producer is None or int(producer) in (0, consumer.handle):
+    its stream (:func:`~trt_exit.runtime.cuda.memory.producer_stream`: 1 = legacy default stream,
+    2 = per-thread default stream, None = nothing to wait for); an event, no host wait."""
+    if producer is None or int(producer) == consumer.handle:
         return
     event.record(int(producer))
     consumer.wait(event)
+
+
+class _SyncCount(threading.local):
+    count = 0
+
+
+_SYNCS = _SyncCount()
+
+
+def host_syncs() -> int:
+    """Host synchronizations this thread has made through this layer so far
+    (:meth:`Stream.synchronize`, :meth:`Event.synchronize`): take the difference around work."""
+    return _SYNCS.count
