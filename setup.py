@@ -31,8 +31,12 @@ setup(
         # Tests; the timm adapter tests need timm (and with it torchvision).
         "dev": ["pytest>=8", "timm>=1.0", "opencv-python-headless>=4.8"],
         "timm": ["timm>=1.0"],
-        # The CUDA executor: cuda-python (with NVRTC) and NVTX ranges for Nsight Systems.
-        "cuda": ["cuda-bindings[all]>=12.6", "nvtx>=0.2"],
+        # The CUDA executor: cuda-python (with NVRTC) and NVTX ranges for Nsight Systems, of the
+        # driver's CUDA major version: cuda12 for CUDA 12.x drivers (JetPack 6, R550-R575),
+        # cuda13 (= cuda) for CUDA 13 drivers (R580+, JetPack 7).
+        "cuda": ["cuda-bindings[all]>=13,<14", "nvtx>=0.2"],
+        "cuda12": ["cuda-bindings[all]>=12.6,<13", "nvtx>=0.2"],
+        "cuda13": ["cuda-bindings[all]>=13,<14", "nvtx>=0.2"],
         # Live pipelines: video I/O (on a Jetson use JetPack's python3-opencv instead, which has
         # GStreamer) and microphones (sounddevice needs the PortAudio library: libportaudio2).
         "video": ["opencv-python-headless>=4.8"],

@@ -88,7 +88,8 @@ def test_engines_run_only_where_they_were_built():
     assert not runs_on(record, dataclasses.replace(ORIN_TRT10, tensorrt="10.7.0"))
     assert not runs_on(record, THOR_TRT11)
     assert not runs_on(record, dataclasses.replace(ORIN_TRT10, compute_capability="7.2"))
-    compatible = {**record, "version_compatible": True}
+    compatible = {**record, **BuildConfig(version_compatible=True).engine_options(),
+                  "target": ORIN_TRT10.to_dict()}
     assert runs_on(compatible, dataclasses.replace(ORIN_TRT10, tensorrt="10.7.0"))
     assert not runs_on(compatible, dataclasses.replace(ORIN_TRT10, tensorrt="10.2.0"))
     assert not runs_on(compatible, dataclasses.replace(ORIN_TRT10, tensorrt="11.4.1"))
@@ -269,3 +270,47 @@ def test_deploy_copy_is_a_complete_model_directory(with_engine, tmp_path):
     copy.save()
     again = deploy_copy(manifest, out)
     assert key in again.stage("segment_0").engines
+
+
+def test_version_compatible_engines_embed_the_lean_runtime_and_say_so():
+    """Build and load agree: the plan keeps TensorRT's lean runtime (no EXCLUDE_LEAN_RUNTIME,
+    which would need IRuntime.load_runtime at every load), the record and key say so, and a
+    version-compatible record without it (built before) is not loaded by a newer TensorRT."""
+    import ast
+    from pathlib import Path
+
+    import trt_exit.build.steps as steps
+
+    flags = {node.attr for node in ast.walk(ast.parse(Path(steps.__file__).read_text()))
+             if isinstance(node, ast.Attribute)}
+    assert "VERSION_COMPATIBLE" in flags and "EXCLUDE_LEAN_RUNTIME" not in flags
+    options = BuildConfig(version_compatible=True).engine_options()
+    assert options["lean_runtime"] == "embedded"
+    assert "lean_runtime" not in BuildConfig().engine_options()  # other keys are unchanged
+    before = {k: v for k, v in options.items() if k != "lean_runtime"}
+    assert engine_key("a" * 64, "fp16", ORIN_TRT10, options) != \
+        engine_key("a" * 64, "fp16", ORIN_TRT10, before)
+    newer = dataclasses.replace(ORIN_TRT10, tensorrt="10.7.0")
+    record = {"precision": "fp16", "target": ORIN_TRT10.to_dict(), **options}
+    assert runs_on(record, newer)
+    assert not runs_on({**record, "lean_runtime": None}, newer)
+    assert runs_on({**record, "lean_runtime": None}, ORIN_TRT10)  # same version: still fine
+
+
+def test_dla_builds_use_a_static_profile():
+    dla = BuildConfig(dla_core=0, profile=BatchProfile(1, 2, 8))
+    assert dla.profile == BatchProfile(2, 2, 2) and dla.profile.static
+    assert dla.engine_options()["profile"] == {"min_batch": 2, "opt_batch": 2, "max_batch": 2}
+    assert BuildConfig(profile=BatchProfile(1, 2, 8)).profile == BatchProfile(1, 2, 8)
+
+
+def test_dla_layers_are_counted_from_the_engine_inspector_json():
+    from trt_exit.build.steps import count_dla_layers
+
+    gpu_only = '{"Layers": [{"Name": "matmul", "LayerType": "MatrixMultiply"}, "softmax"]}'
+    assert count_dla_layers(gpu_only) == (0, 2)
+    mixed = ('{"Layers": ["input to nvm", {"Name": "{ForeignNode[conv...relu]}", '
+             '"LayerType": "DLA"}, {"Name": "out from nvm", "TacticName": "DLA copy"}, '
+             '{"Name": "softmax", "LayerType": "Softmax"}]}')
+    assert count_dla_layers(mixed) == (2, 4)
+    assert count_dla_layers("") == (0, 0)

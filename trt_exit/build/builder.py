@@ -27,7 +27,13 @@ from typing import Any
 
 from trt_exit import tensor_names as tn
 from trt_exit.build.config import BuildConfig
-from trt_exit.build.steps import NetworkFromOnnxPath, EngineBytesFromNetwork, SaveEngine, make_logger
+from trt_exit.build.steps import (
+    EngineBytesFromNetwork,
+    NetworkFromOnnxPath,
+    SaveEngine,
+    dla_layers,
+    make_logger,
+)
 from trt_exit.build.target import ENGINE_DIR, Target, engine_filename, engine_key
 from trt_exit.build.trt_api import import_tensorrt
 from trt_exit.errors import ManifestError
@@ -65,6 +71,21 @@ class BuildSummary:
     cached: list[str] = field(default_factory=list)
     seconds: float = 0.0
     timing_cache: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _check_dla(label: str, engine: bytes, logger, summary: BuildSummary) -> dict[str, int]:
+    """Counts the engine's DLA layers; warns (and notes in the summary) when there are none:
+    TensorRT then runs the whole stage on the GPU although DLA was asked for."""
+    on_dla, total = dla_layers(engine, logger)
+    if on_dla == 0:
+        message = (f"{label}: no layer of the engine runs on the DLA ({total} layers on the "
+                   f"GPU): the stage's ops are not DLA-capable at this precision (DLA runs fp16 "
+                   f"and int8 convolutions, not transformer attention); build without "
+                   f"--dla-core, or with --no-gpu-fallback to make this an error")
+        log.warning(message)
+        summary.warnings.append(message)
+    return {"dla_layers": on_dla, "layers": total}
 
 
 def require_tensorrt(purpose: str) -> str:
@@ -211,6 +232,9 @@ def build_engines(manifest: Manifest, config: BuildConfig, progress: bool = True
         engine_path = manifest.root / engine_filename(job.name, key)
         network = NetworkFromOnnxPath(onnx_path, job.inputs, logger)
         build = EngineBytesFromNetwork(network, config, timing_cache)()
+        placement = {}
+        if config.dla_core is not None:
+            placement = _check_dla(label, build.engine, logger, summary)
         SaveEngine(build, engine_path)()
         timing_cache = build.timing_cache
         atomic_write_bytes(cache_path, timing_cache)
@@ -221,6 +245,7 @@ def build_engines(manifest: Manifest, config: BuildConfig, progress: bool = True
             "target": target.to_dict(),
             **config.engine_options(),
             "workspace_mib": config.workspace_mib,
+            **placement,
             "build_seconds": round(build.seconds, 3),
             "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }

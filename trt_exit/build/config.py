@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from trt_exit.errors import ConfigError
 from trt_exit.manifest import PRECISIONS, TensorSpec
+
+log = logging.getLogger(__name__)
+#: How version-compatible engines carry TensorRT's lean runtime (recorded in the cache key): in
+#: the plan itself, so a later TensorRT of the same major deserializes them with
+#: ``engine_host_code_allowed`` and nothing else (``EXCLUDE_LEAN_RUNTIME`` would make every
+#: loader call ``IRuntime.load_runtime`` with the building version's lean library).
+LEAN_RUNTIME_EMBEDDED = "embedded"
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,11 @@ class BatchProfile:
         rest = tuple(spec.shape[1:])
         return ((self.min_batch, *rest), (self.opt_batch, *rest), (self.max_batch, *rest))
 
+    @property
+    def static(self) -> bool:
+        """One batch size only (what DLA needs)."""
+        return self.min_batch == self.max_batch
+
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
 
@@ -52,7 +65,9 @@ class BuildConfig:
         timing_cache: Timing cache file, read before and written after the build (default
             ``engines/timing.<key>.cache`` next to the manifest); shared between builds of
             every model on the same device and TensorRT version.
-        dla_core: Build for this DLA core (Jetson AGX Orin / Orin NX), None for the GPU.
+        dla_core: Build for this DLA core (Jetson AGX Orin / Orin NX), None for the GPU. DLA
+            runs static shapes only (with a dynamic batch profile TensorRT silently puts every
+            layer on the GPU), so the profile becomes static at ``opt_batch``.
         gpu_fallback: With ``dla_core``: layers the DLA cannot run go to the GPU.
         version_compatible: Engines that later TensorRT versions of the same major can run
             (``BuilderFlag.VERSION_COMPATIBLE``; slower to load, a little slower to run).
@@ -82,6 +97,10 @@ class BuildConfig:
             raise ConfigError(f"workspace must be at least 1 MiB, got {self.workspace_mib}")
         if self.dla_core is not None and self.dla_core < 0:
             raise ConfigError(f"DLA core must be >= 0, got {self.dla_core}")
+        if self.dla_core is not None and not self.profile.static:
+            batch = self.profile.opt_batch
+            log.info("DLA needs static shapes: building for batch %d only (--opt-batch)", batch)
+            self.profile = BatchProfile(batch, batch, batch)
         if self.optimization_level is not None and not 0 <= self.optimization_level <= 5:
             raise ConfigError(f"optimization level must be 0-5, got {self.optimization_level}")
         if self.timing_cache is not None:
@@ -89,7 +108,10 @@ class BuildConfig:
 
     def engine_options(self) -> dict:
         """The settings that change what engine is built (part of the cache key)."""
-        return {"profile": self.profile.to_dict(), "dla_core": self.dla_core,
-                "gpu_fallback": self.gpu_fallback if self.dla_core is not None else None,
-                "version_compatible": self.version_compatible,
-                "optimization_level": self.optimization_level}
+        options = {"profile": self.profile.to_dict(), "dla_core": self.dla_core,
+                   "gpu_fallback": self.gpu_fallback if self.dla_core is not None else None,
+                   "version_compatible": self.version_compatible,
+                   "optimization_level": self.optimization_level}
+        if self.version_compatible:
+            options["lean_runtime"] = LEAN_RUNTIME_EMBEDDED
+        return options

@@ -18,6 +18,10 @@ no-exit baseline), keyed by cache key ``<precision>-<16 hex digits>``::
         "profile": {"min_batch": 1, "opt_batch": 1, "max_batch": 8},
         "dla_core": null, "gpu_fallback": null, "version_compatible": false,
         "optimization_level": null, "workspace_mib": 1024, "build_seconds": 4.2, "built": ...}
+
+Version-compatible records add ``"lean_runtime": "embedded"`` (part of the key): the plan
+carries TensorRT's lean runtime, so a later TensorRT of the same major loads it. DLA records add
+``"dla_layers"`` (layers the engine inspector places on the DLA; 0 is warned about).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
+from trt_exit.build.config import LEAN_RUNTIME_EMBEDDED
 from trt_exit.build.errors import EngineMismatchError
 from trt_exit.errors import ArtifactError
 
@@ -93,7 +98,9 @@ def runs_on(record: dict[str, Any], target: Target) -> bool:
         return False
     if built.get("tensorrt") == target.tensorrt:
         return True
-    if record.get("version_compatible"):
+    if record.get("version_compatible") and record.get("lean_runtime") == LEAN_RUNTIME_EMBEDDED:
+        # Without the lean runtime in the plan (engines built before it was), a newer TensorRT
+        # would need IRuntime.load_runtime with the building version's library: rebuild those.
         built_version = _version_tuple(built.get("tensorrt", "0"))
         return built_version[0] == target.tensorrt_major and \
             built_version <= _version_tuple(target.tensorrt)

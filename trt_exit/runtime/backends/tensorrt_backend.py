@@ -5,16 +5,22 @@ picks, for each stage, the newest engine of the precision asked for that was bui
 TensorRT version for this GPU (and refuses, with the rebuild command, engines from another
 version or device), and checks the file against its sha256 before TensorRT sees it.
 
-Memory: each execution context is created without scratch memory
+Contexts: one execution context per batch size (:class:`ExecutionContexts`). A CUDA graph
+captured from ``execute_async_v3`` is tied to the state of the context it was captured with, and
+the CUDA executor caches graphs per batch size: were one context shared, capturing at batch 8
+(``set_input_shape``) would change the context a batch-1 graph replays on. Each context's input
+shapes are set once, when it is created.
+
+Memory: every context is created without scratch memory
 (``ExecutionContextAllocationStrategy.USER_MANAGED``); :meth:`TensorRTStageRunner.scratch_bytes`
 reports ``device_memory_size_v2`` and the CUDA executor hands every stage one shared block sized
-to the largest (:meth:`TensorRTStageRunner.set_scratch`). Stages run one after another on one
-stream, so sharing is safe. A runner used on its own (the host path, :meth:`run`) allocates its
-own block the first time it needs one.
+to the largest (:meth:`TensorRTStageRunner.set_scratch`), which all contexts of all stages use.
+Stages run one after another on one stream, so sharing is safe. A runner used on its own (the
+host path, :meth:`run`) allocates its own block the first time it needs one.
 
-Tensors are bound by name (``set_tensor_address``) to the executor's buffers, and the batch is
-set with ``set_input_shape`` only when it changes. ``enqueue`` never synchronizes; before a CUDA
-graph captures it, run it once (TensorRT allocates on the first run).
+Tensors are bound by name (``set_tensor_address``) to the executor's buffers. ``enqueue`` never
+synchronizes; before a CUDA graph captures it, run it once (TensorRT allocates on the first
+run).
 
 CUDA calls go through :mod:`trt_exit.runtime.cuda` (cuda-python, checked calls, owned buffers).
 """
@@ -23,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -34,6 +40,63 @@ from trt_exit.manifest import Manifest, StageEntry, TensorSpec
 from trt_exit.runtime.backends.base import Backend, DeviceStageRunner
 
 log = logging.getLogger(__name__)
+
+
+class ExecutionContexts:
+    """The execution contexts of one engine, one per batch size, sharing one scratch block.
+
+    Args:
+        create: Makes a new context without device memory (TensorRT's
+            ``create_execution_context(USER_MANAGED)``); None means it failed.
+        inputs: The engine's inputs (their shapes are set once per context).
+        name: Stage name, for messages.
+        errors: Returns what TensorRT logged, for messages.
+    """
+
+    def __init__(self, create: Callable[[], Any], inputs: list[TensorSpec], name: str,
+                 errors: Callable[[], str]):
+        self._create = create
+        self._inputs = inputs
+        self._name = name
+        self._errors = errors
+        self._by_batch: dict[int, Any] = {}
+        self._scratch: tuple[int, int] | None = None
+
+    @property
+    def scratch(self) -> tuple[int, int] | None:
+        """``(address, size)`` of the scratch block every context uses, None before one is set."""
+        return self._scratch
+
+    def set_scratch(self, address: int, size: int) -> None:
+        """Points every context, present and future, at the scratch block."""
+        self._scratch = (int(address), int(size))
+        for context in self._by_batch.values():
+            context.set_device_memory(*self._scratch)
+
+    def for_batch(self, batch: int) -> Any:
+        """The context for ``batch`` samples (created, shaped and given the scratch block on
+        first use; its shapes never change afterwards)."""
+        context = self._by_batch.get(batch)
+        if context is None:
+            context = self._create()
+            if context is None:
+                raise CudaError(f"{self._name}: TensorRT could not create an execution context "
+                                f"({self._errors()})")
+            if self._scratch is not None:
+                context.set_device_memory(*self._scratch)
+            for spec in self._inputs:
+                shape = (batch, *spec.per_sample_shape())
+                if not context.set_input_shape(spec.name, shape):
+                    raise InputError(f"stage {self._name}: TensorRT rejected input shape "
+                                     f"{shape} for {spec.name}")
+            self._by_batch[batch] = context
+        return context
+
+    def __len__(self) -> int:
+        return len(self._by_batch)
+
+    def close(self) -> None:
+        self._by_batch.clear()
 
 
 class TensorRTStageRunner(DeviceStageRunner):
@@ -63,15 +126,12 @@ class TensorRTStageRunner(DeviceStageRunner):
                 f"TensorRT version or for another GPU; rebuild it: {rebuild}")
         self.engine = engine
         self._check_io(trt)
-        self.context = engine.create_execution_context(
-            trt.ExecutionContextAllocationStrategy.USER_MANAGED)
-        if self.context is None:
-            raise CudaError(f"{name}: TensorRT could not create an execution context "
-                            f"({backend.logger.errors()})")
+        strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        self.contexts = ExecutionContexts(lambda: engine.create_execution_context(strategy),
+                                          self.inputs, name, backend.logger.errors)
+        self.contexts.for_batch(self.min_batch)  # fails here, not at the first run
         self._scratch_needed = int(engine.device_memory_size_v2)
         self._scratch_owned = None  # DeviceBuffer, only when no shared block was handed over
-        self._scratch_address = 0
-        self._batch: int | None = None
         self._host_buffers: dict[str, Any] = {}
         self._host_capacity = 0
 
@@ -110,20 +170,17 @@ class TensorRTStageRunner(DeviceStageRunner):
         if size < self._scratch_needed:
             raise ConfigError(f"{self.name}: scratch block of {size} bytes is smaller than the "
                               f"{self._scratch_needed} bytes the engine needs")
-        self.context.set_device_memory(int(address), int(size))
-        self._scratch_address = int(address)
+        self.contexts.set_scratch(address, size)
         if self._scratch_owned is not None:
             self._scratch_owned.close()
             self._scratch_owned = None
 
     def _ensure_scratch(self) -> None:
-        if self._scratch_address == 0:
+        if self.contexts.scratch is None:
             from trt_exit.runtime.cuda.memory import DeviceBuffer
 
             self._scratch_owned = DeviceBuffer(self._scratch_needed, f"{self.name} scratch")
-            self.context.set_device_memory(self._scratch_owned.address,
-                                           self._scratch_owned.size_bytes)
-            self._scratch_address = self._scratch_owned.address
+            self.contexts.set_scratch(self._scratch_owned.address, self._scratch_owned.size_bytes)
 
     # ------------------------------------------------------------------ device path
 
@@ -137,13 +194,7 @@ class TensorRTStageRunner(DeviceStageRunner):
     def enqueue(self, stream: int, addresses: Mapping[str, int], batch: int) -> None:
         self._check_batch(batch)
         self._ensure_scratch()
-        context = self.context
-        if batch != self._batch:
-            for spec in self.inputs:
-                if not context.set_input_shape(spec.name, (batch, *spec.per_sample_shape())):
-                    raise InputError(f"stage {self.name}: TensorRT rejected input shape "
-                                     f"{(batch, *spec.per_sample_shape())} for {spec.name}")
-            self._batch = batch
+        context = self.contexts.for_batch(batch)
         for spec in [*self.inputs, *self.outputs]:
             if spec.name not in addresses:
                 raise ConfigError(f"stage {self.name}: no device buffer for tensor {spec.name}")
@@ -224,8 +275,7 @@ class TensorRTStageRunner(DeviceStageRunner):
         if self._scratch_owned is not None:
             self._scratch_owned.close()
             self._scratch_owned = None
-        self._scratch_address = 0
-        self.context = None
+        self.contexts.close()
         self.engine = None
 
 
