@@ -1,19 +1,28 @@
 """Benchmark of the CUDA executor's strategies against the ideal and a no-exit CUDA graph.
 
 For each model (the digits demo model and a ViT-S/16-sized one, random weights), batch size,
-strategy (graph, poll, eager) and forced exit depth, on one GPU with the torch backend:
+strategy (graph, poll, eager) and exit depth k, on one GPU with the torch backend:
 
+* the exit is forced through **thresholds**, as in real use: unreachable at every exit before k
+  (above every confidence those exits give the benchmark's inputs), 0 from k on. So the graph
+  holds its conditional IF nodes (one per early exit) and the gate kernels set their conditions;
+  poll and eager wait for the host once per exit evaluated (k + 1), graph once;
 * median and p99 wall latency of ``CudaExecutor.run`` (input already on the GPU, results read
-  back to the host), and the host synchronizations per inference;
-* the ideal: the sum of the stages' own GPU times for that exit depth (segments 0..k and exit
-  k), each stage captured alone in a CUDA graph and timed with CUDA events;
+  back to the host), its median device time (CUDA events on the executor's stream, from before
+  the first work to before the last synchronization), and the host synchronizations the CUDA
+  layer counted;
+* the ideal: the GPU time of exactly the work the graph does at depth k, each piece captured
+  alone in a CUDA graph and timed with CUDA events: the begin kernel, segments and exits 0..k,
+  k+1 gate kernels and the copy of the results to the host;
 * a single CUDA graph of the whole model without exits (backbone + final head), same inputs.
 
+Inputs alternate between two device buffers from run to run, so rebinding costs show (graphs
+are cached per input address: after warm-up no capture may happen; the JSON counts them).
 Runs are interleaved (every configuration once per round, in rotating order) so slow drifts of
-the machine touch all of them alike. Writes ``benchmarks/results/executor-<gpu>.json`` and
-prints a table; ``--check`` exits non-zero unless the acceptance criteria hold (graph: one sync
-per inference, median within 5 % or 20 us of the ideal, faster than eager past the first exit
-at batch 1).
+the machine touch all of them alike. Writes ``executor-<gpu>.json`` into ``--out`` and prints a
+table; ``--check`` exits non-zero unless the acceptance criteria hold (graph: one sync per
+inference, the IF nodes the plan needs, median device time within 5 % or 20 us of the ideal,
+faster than eager past the first exit at batch 1; no capture while timing).
 
 Usage (on a machine with an NVIDIA GPU)::
 
@@ -85,65 +94,133 @@ def _summary(samples: list[float]) -> dict[str, float]:
     return {"median_ms": float(np.median(values)), "p99_ms": float(np.percentile(values, 99))}
 
 
+def forcing_thresholds(confidences: np.ndarray, exit_k: int) -> list[float]:
+    """Early-exit thresholds that send every sample out at exit ``exit_k``.
+
+    Args:
+        confidences: (exits, samples) confidences of every exit on every input the policy will
+            see (all the benchmark's input buffers).
+        exit_k: The exit depth to force (the final head: every early exit unreachable).
+
+    Returns:
+        One threshold per early exit: halfway between the highest confidence seen there and 1
+        (unreachable, with a margin for run-to-run differences) before ``exit_k``, 0 from it on.
+
+    Raises:
+        ValueError: An exit before ``exit_k`` is (almost) fully confident on some input, so no
+            threshold in [0, 1] keeps every sample from exiting there.
+    """
+    thresholds = []
+    for j in range(confidences.shape[0] - 1):
+        if j >= exit_k:
+            thresholds.append(0.0)
+            continue
+        highest = float(np.max(confidences[j]))
+        if not highest < 1.0 - 1e-4:
+            raise ValueError(f"exit {j} reaches confidence {highest} on the benchmark's inputs: "
+                             f"no threshold keeps it from being taken")
+        thresholds.append((highest + 1.0) / 2)
+    return thresholds
+
+
+def exit_depth_policies(confidences: np.ndarray) -> dict[int, Any]:
+    """One :class:`ThresholdPolicy` per exit depth (:func:`forcing_thresholds`)."""
+    from trt_exit.runtime.policies import ThresholdPolicy
+
+    return {k: ThresholdPolicy(forcing_thresholds(confidences, k))
+            for k in range(confidences.shape[0])}
+
+
+def ideal_ms(stage_ms: dict[str, float], exit_k: int) -> float:
+    """GPU time of the work the graph does at depth ``exit_k``: the begin kernel, segments and
+    exit heads 0..k, a gate after each exit, and the copy of the results."""
+    return (stage_ms["gate_begin"] + stage_ms["copy_results"]
+            + sum(stage_ms[f"segment_{j}"] + stage_ms[f"exit_{j}"] + stage_ms["gate"]
+                  for j in range(exit_k + 1)))
+
+
 def bench_model(model_name: str, batches: list[int], strategies: list[str], repeats: int,
                 warmup: int, profile_repeats: int) -> dict[str, Any]:
     """Every measurement of one model (see the module docstring)."""
     import torch
 
-    from trt_exit.runtime.cuda_executor import CudaExecutor
-    from trt_exit.runtime.policies import FixedExitPolicy
+    from trt_exit.runtime.cuda_executor import CudaExecutor, conditional_nodes
+    from trt_exit.runtime.policies import AllExitsPolicy, FixedExitPolicy
 
     with tempfile.TemporaryDirectory(prefix="trt_exit_bench_") as tmp:
         manifest = torch_manifest(model_name, Path(tmp))
         n = manifest.num_exits
-        with CudaExecutor(manifest, "torch", max_batch=max(batches),
-                          policy=FixedExitPolicy(-1)) as executor:
-            used = [s if s != "graph" or not executor.graph_unavailable() else "poll"
-                    for s in strategies]
-            if used != strategies:
+        # Graphs are cached per (policy, batch, input address): room for all of them.
+        cache = len(batches) * n * 2 + 2
+        with CudaExecutor(manifest, "torch", max_batch=max(batches), device_timing=True,
+                          policy=FixedExitPolicy(-1), graph_cache_size=cache) as executor:
+            if "graph" in strategies and executor.graph_unavailable():
                 print(f"graph strategy unavailable: {executor.graph_unavailable()}",
                       file=sys.stderr)
             per_batch = []
             for batch in batches:
                 shape = manifest.inputs[0].shape[1:]
-                x = torch.randn(batch, *shape, device=executor.backend.torch_device)
+                device = executor.backend.torch_device
+                generator = torch.Generator(device=device).manual_seed(batch)
+                buffers = [torch.randn(batch, *shape, device=device, generator=generator)
+                           for _ in range(2)]
                 torch.cuda.synchronize()
-                stage_ms = executor.profile_stages(x, repeats=profile_repeats)
+                confidences = np.concatenate(
+                    [executor.run(x, AllExitsPolicy()).all_confidences for x in buffers], axis=1)
+                policies = exit_depth_policies(confidences)
+                stage_ms = executor.profile_stages(buffers[0], repeats=profile_repeats,
+                                                   chain_overheads=True)
                 configs = [(s, k) for s in strategies for k in range(n)] + [("full_graph", None)]
-                policies = {k: FixedExitPolicy(k) for k in range(n)}
 
-                def run(config):
+                def run(config, x):
                     strategy, k = config
                     if strategy == "full_graph":
                         return executor.run_full_model(x, strategy="graph")
                     return executor.run(x, policies[k], strategy=strategy)
 
+                calls = 0
                 for _ in range(warmup):
                     for config in configs:
-                        run(config)
-                latency = {c: [] for c in configs}
+                        run(config, buffers[calls % 2])
+                        calls += 1
+                captures_before = executor.captures
+                wall = {c: [] for c in configs}
+                device_ms = {c: [] for c in configs}
                 syncs = {c: set() for c in configs}
+                exits = {c: set() for c in configs}
                 used_strategy = {c: set() for c in configs}
                 for r in range(repeats):
                     shift = r % len(configs)
                     for config in configs[shift:] + configs[:shift]:
-                        result = run(config)
-                        latency[config].append(result.latency_ms)
+                        result = run(config, buffers[calls % 2])
+                        calls += 1
+                        wall[config].append(result.latency_ms)
+                        device_ms[config].append(executor.last_device_ms)
                         syncs[config].add(result.host_syncs)
+                        exits[config].update(int(e) for e in np.unique(result.exit_index))
                         used_strategy[config].add(result.strategy)
                 rows = []
                 for strategy in strategies:
                     for k in range(n):
-                        ideal = sum(stage_ms[f"segment_{j}"] for j in range(k + 1)) + \
-                            stage_ms[f"exit_{k}"]
                         config = (strategy, k)
-                        rows.append({"strategy": strategy, "ran_as": sorted(used_strategy[config]),
-                                     "exit": k, **_summary(latency[config]),
-                                     "host_syncs": sorted(syncs[config]), "ideal_ms": ideal})
+                        rows.append({
+                            "strategy": strategy, "ran_as": sorted(used_strategy[config]),
+                            "exit": k, "exits_taken": sorted(exits[config]),
+                            **_summary(wall[config]),
+                            "device_median_ms": float(np.median(device_ms[config])),
+                            "host_syncs": sorted(syncs[config]),
+                            "expected_syncs": 1 if strategy == "graph" else k + 1,
+                            "conditional_nodes": conditional_nodes(executor.plan(policies[k])),
+                            "ideal_ms": ideal_ms(stage_ms, k)})
                 full = ("full_graph", None)
                 per_batch.append({
                     "batch": batch, "stage_gpu_ms": stage_ms, "rows": rows,
-                    "full_graph": {**_summary(latency[full]), "ran_as": sorted(used_strategy[full]),
+                    "thresholds": {k: p.thresholds for k, p in policies.items()},
+                    "graph_conditional_nodes": sorted(set(executor.graph_conditional_nodes())),
+                    "captures_while_timing": executor.captures - captures_before,
+                    "full_graph": {**_summary(wall[full]),
+                                   "device_median_ms": float(np.median(device_ms[full])),
+                                   "ran_as": sorted(used_strategy[full]),
                                    "host_syncs": sorted(syncs[full])},
                 })
             return {"model": model_name, "num_exits": n,
@@ -156,19 +233,31 @@ def acceptance(results: dict[str, Any]) -> list[str]:
     failures = []
     for model in results["models"]:
         for entry in model["batches"]:
+            where_batch = f"{model['model']} batch {entry['batch']}"
+            if entry.get("captures_while_timing"):
+                failures.append(f"{where_batch}: {entry['captures_while_timing']} captures while "
+                                f"timing (graphs must be reused across the two input buffers)")
             rows = {(r["strategy"], r["exit"]): r for r in entry["rows"]}
             for (strategy, k), row in rows.items():
+                where = f"{where_batch} exit {k}"
+                if row["ran_as"] != [strategy]:
+                    failures.append(f"{where}: {strategy} ran as {row['ran_as']}")
+                if row.get("exits_taken", [k]) != [k]:
+                    failures.append(f"{where}: {strategy} took exits {row['exits_taken']}")
+                if row["host_syncs"] != [row["expected_syncs"]]:
+                    failures.append(f"{where}: {strategy} made {row['host_syncs']} host syncs, "
+                                    f"expected {row['expected_syncs']}")
                 if strategy != "graph":
                     continue
-                where = f"{model['model']} batch {entry['batch']} exit {k}"
-                if row["ran_as"] != ["graph"]:
-                    failures.append(f"{where}: graph ran as {row['ran_as']}")
-                if row["host_syncs"] != [1]:
-                    failures.append(f"{where}: graph made {row['host_syncs']} host syncs")
+                if row["conditional_nodes"] != model["num_exits"] - 1 or \
+                        row["conditional_nodes"] not in entry.get("graph_conditional_nodes", []):
+                    failures.append(f"{where}: the graph should hold {model['num_exits'] - 1} "
+                                    f"IF nodes (plan: {row['conditional_nodes']}, captured: "
+                                    f"{entry.get('graph_conditional_nodes')})")
                 allowed = max(IDEAL_TOLERANCE * row["ideal_ms"], IDEAL_SLACK_MS)
-                if row["median_ms"] - row["ideal_ms"] > allowed:
-                    failures.append(f"{where}: graph median {row['median_ms']:.4f} ms is more "
-                                    f"than {allowed * 1e3:.0f} us over the ideal "
+                if row["device_median_ms"] - row["ideal_ms"] > allowed:
+                    failures.append(f"{where}: graph device median {row['device_median_ms']:.4f} "
+                                    f"ms is more than {allowed * 1e3:.0f} us over the ideal "
                                     f"{row['ideal_ms']:.4f} ms")
                 eager = rows.get(("eager", k))
                 if entry["batch"] == 1 and k > 0 and eager and row["median_ms"] >= eager["median_ms"]:
@@ -182,27 +271,31 @@ def format_table(results: dict[str, Any]) -> str:
     gpu = results["gpu"]["name"]
     lines = [f"GPU: {gpu}, driver CUDA {results['gpu']['driver_cuda_version']}, torch "
              f"{results['software'].get('torch')}, cuda-bindings "
-             f"{results['software'].get('cuda-bindings')}; latency in ms (median / p99), input "
-             f"on the GPU, results read back to the host", "",
-             "| model | batch | exit | ideal | graph | poll | eager | syncs g/p/e | no-exit graph |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"{results['software'].get('cuda-bindings')}; ms; wall: median / p99 of "
+             f"CudaExecutor.run (input on the GPU, results read back to the host); device: "
+             f"median GPU time (CUDA events)", "",
+             "| model | batch | exit | ideal | graph device | graph wall | poll wall | "
+             "eager wall | syncs g/p/e | IF nodes | no-exit graph |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for model in results["models"]:
         short = model["model"].replace("multi_exit_vit_", "")
         for entry in model["batches"]:
             rows = {(r["strategy"], r["exit"]): r for r in entry["rows"]}
             full = entry["full_graph"]
             for k in range(model["num_exits"]):
-                cells = []
+                graph = rows.get(("graph", k))
+                cells = [f"{graph['device_median_ms']:.3f}" if graph else "-"]
                 for strategy in STRATEGIES:
                     row = rows.get((strategy, k))
                     cells.append(f"{row['median_ms']:.3f} / {row['p99_ms']:.3f}" if row else "-")
                 syncs = "/".join(
                     ",".join(map(str, rows[(s, k)]["host_syncs"])) if (s, k) in rows else "-"
                     for s in STRATEGIES)
-                ideal = next(r["ideal_ms"] for (_, j), r in rows.items() if j == k)
+                any_row = next(r for (_, j), r in rows.items() if j == k)
                 no_exit = f"{full['median_ms']:.3f}" if k == model["num_exits"] - 1 else ""
-                lines.append(f"| {short} | {entry['batch']} | {k} | {ideal:.3f} | "
-                             f"{' | '.join(cells)} | {syncs} | {no_exit} |")
+                lines.append(f"| {short} | {entry['batch']} | {k} | {any_row['ideal_ms']:.3f} | "
+                             f"{' | '.join(cells)} | {syncs} | {any_row['conditional_nodes']} | "
+                             f"{no_exit} |")
     return "\n".join(lines)
 
 
@@ -252,10 +345,15 @@ def main(argv: list[str] | None = None) -> int:
                      "repeats": args.repeats, "warmup": args.warmup,
                      "profile_repeats": args.profile_repeats, "backend": "torch",
                      "precision": "fp32", "weights": "random (seed 0)",
-                     "input": "torch tensor on the GPU (read in place)",
+                     "input": "two torch tensors on the GPU, alternating run to run (read in "
+                              "place)",
+                     "policy": "ThresholdPolicy per exit depth k: unreachable thresholds before "
+                               "k, 0 from k on",
                      "latency": "wall time of CudaExecutor.run, results copied to the host",
-                     "ideal": "sum of the stages' GPU times, each stage alone in a CUDA graph, "
-                              "CUDA events, median"},
+                     "device": "CUDA events on the executor's stream around the run's work",
+                     "host_syncs": "stream/event synchronizations counted by the CUDA layer",
+                     "ideal": "begin kernel + segments and exits 0..k + k+1 gate kernels + "
+                              "result copy, each alone in a CUDA graph, CUDA events, median"},
         "models": [bench_model(m, args.batches, args.strategies, args.repeats, args.warmup,
                                args.profile_repeats) for m in args.models],
     }

@@ -287,3 +287,88 @@ def test_full_model_graph_and_stage_profile(gpu_executor, random_images):
     profile = gpu_executor.profile_stages(random_images[:1], repeats=5, warmup=2)
     assert set(profile) == set(gpu_executor.runners)
     assert all(ms > 0 for ms in profile.values())
+
+
+# --------------------------------------------------------------------------- review fixes, on a GPU
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_inputs_written_on_a_torch_side_stream_are_waited_for(gpu_executor, random_images,
+                                                             strategy):
+    """torch exports no stream: the executor orders itself after torch's current stream."""
+    import torch
+
+    policy = ThresholdPolicy([0.3, 0.3])
+    expected = gpu_executor.run(random_images[:4], policy, strategy="eager")
+    side = torch.cuda.Stream()
+    source = torch.from_numpy(random_images[:4]).cuda()
+    torch.cuda.synchronize()
+    for _ in range(3):
+        with torch.cuda.stream(side):
+            x = torch.full_like(source, float("nan"))
+            torch.cuda._sleep(20_000_000)  # ~10 ms of GPU time before the real values land
+            x.copy_(source)
+            got = gpu_executor.run(x, policy, strategy=strategy)
+        np.testing.assert_array_equal(got.exit_index, expected.exit_index)
+        np.testing.assert_array_equal(got.output, expected.output)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("exit_k", [0, 1, 2])
+def test_threshold_forced_exits_sync_once_in_graph_and_per_exit_elsewhere(
+        gpu_executor, random_images, exit_k):
+    """Thresholds unreachable before exit k and 0 at k: the graph has its IF nodes and the gate
+    sets their conditions; poll and eager pay one host wait per exit evaluated."""
+    n = gpu_executor.num_exits
+    thresholds = [1.0] * exit_k + [0.0] * (n - 1 - exit_k)
+    policy = ThresholdPolicy(thresholds)
+    everything = gpu_executor.run(random_images[:1], AllExitsPolicy())
+    assert (everything.all_confidences[:exit_k] < 1.0).all()  # 1.0 is out of reach there
+    gpu_executor.device_timing = True
+    try:
+        for strategy, syncs in (("graph", 1), ("poll", exit_k + 1), ("eager", exit_k + 1)):
+            gpu_executor.run(random_images[:1], policy, strategy=strategy)  # captures
+            results = gpu_executor.run(random_images[:1], policy, strategy=strategy)
+            assert results.strategy == strategy
+            assert results.exit_index.tolist() == [exit_k]
+            assert results.host_syncs == syncs, strategy
+            assert gpu_executor.last_device_ms is not None and gpu_executor.last_device_ms > 0
+    finally:
+        gpu_executor.device_timing = False
+    assert n - 1 in gpu_executor.graph_conditional_nodes()
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_the_executor_makes_its_own_gpu_current(tiny_export, random_images):
+    import torch
+
+    from trt_exit.runtime.cuda_executor import CudaExecutor
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    with CudaExecutor(tiny_export, "torch", device=1, max_batch=4) as executor:
+        torch.cuda.set_device(0)  # someone else on this thread switches GPU
+        results = executor.run(random_images[:4], ThresholdPolicy([0.3, 0.3]), strategy="graph")
+        assert results.strategy == "graph"
+        reference = executor.run(random_images[:4], ThresholdPolicy([0.3, 0.3]),
+                                 strategy="eager")
+        np.testing.assert_array_equal(results.exit_index, reference.exit_index)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_fp16_runs_without_autocast_on_the_gpu(tiny_export, random_images):
+    from trt_exit.runtime.cuda_executor import CudaExecutor
+
+    with CudaExecutor(tiny_export, "torch", precision="fp16", max_batch=4) as fp16, \
+            CudaExecutor(tiny_export, "torch", max_batch=4) as fp32:
+        policy = FixedExitPolicy(-1)
+        half = fp16.run(random_images[:4], policy, strategy="graph")
+        full = fp32.run(random_images[:4], policy, strategy="graph")
+    assert half.strategy == "graph"
+    np.testing.assert_allclose(half.output, full.output, atol=2e-2)
+    assert not np.array_equal(half.output, full.output)
