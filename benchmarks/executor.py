@@ -315,7 +315,8 @@ def _versions() -> dict[str, str | None]:
     return packages
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (also checked by ``gpu_acceptance.py --dry-run``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
@@ -328,7 +329,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="directory for executor-<gpu>.json")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 unless the acceptance criteria hold")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
 
     from trt_exit.runtime.cuda.api import cuda_status, use_device
 
