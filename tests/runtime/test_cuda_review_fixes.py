@@ -13,7 +13,6 @@ import pytest
 
 from trt_exit.errors import CudaError, InputError
 from trt_exit.manifest import TensorSpec
-from trt_exit.runtime.cuda_executor import chain_steps, choose_strategy, conditional_nodes, plan_exits
 from trt_exit.runtime.policies import FixedExitPolicy, ThresholdPolicy
 
 pytest.importorskip("cuda.bindings", reason="cuda-python is not installed")
@@ -115,6 +114,8 @@ def test_the_install_commands_name_extras_that_exist():
     ("eager", "x", "y", ("eager", "")),
 ])
 def test_fallback_only_to_a_strategy_that_works(requested, graph, poll, expected):
+    from trt_exit.runtime.cuda_executor import choose_strategy
+
     assert choose_strategy(requested, graph, poll) == expected
 
 
@@ -238,6 +239,8 @@ def test_a_context_tensorrt_cannot_make_or_shape_is_a_clear_error():
     (FixedExitPolicy(1), 4, "s0 s1 e1 g", 0),
 ])
 def test_every_strategy_walks_one_chain(policy, num_exits, steps, ifs):
+    from trt_exit.runtime.cuda_executor import chain_steps, conditional_nodes, plan_exits
+
     plan = plan_exits(policy, num_exits)
     described = []
     for step in chain_steps(plan):
