@@ -25,7 +25,6 @@ FP16) is tested against ONNX Runtime without a GPU.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import re
 from pathlib import Path
