@@ -143,6 +143,7 @@ class CudaExecutor:
         self._graph_failures: dict[tuple, str] = {}
         self._gates: dict[bool, GateKernels] = {}
         self._kernel_reasons: dict[bool, str] = {}
+        self._fallbacks_logged: set[tuple[str, str]] = set()
         self._full = None
         self.device_timing = device_timing
         #: GPU time of the last run (ms) with ``device_timing``, else None.
@@ -302,7 +303,8 @@ class CudaExecutor:
         poll_reason = self.kernels_unavailable(conditional=False) if graph_reason or \
             requested == "poll" else ""
         chosen, reason = choose_strategy(requested, graph_reason, poll_reason)
-        if chosen != requested and requested != "auto" or reason:
+        if reason and (requested, chosen) not in self._fallbacks_logged:
+            self._fallbacks_logged.add((requested, chosen))  # once, not at every run
             self.fallback_reason = reason
             level = logging.INFO if requested == "auto" else logging.WARNING
             log.log(level, "CUDA executor: using the %s strategy instead of %s: %s", chosen,
