@@ -47,7 +47,8 @@ def _torch():
 #: Cached tensor views of executor buffers per runner (by name, address and batch).
 _MAX_VIEWS = 256
 #: First torch release with ``torch.cuda.MemPool`` / ``use_mem_pool`` (2.5) *and* the fix of
-#: ``use_mem_pool``'s pool reference counting (pytorch/pytorch#133600), which the CUDA path needs.
+#: ``use_mem_pool``'s pool reference counting (pytorch/pytorch#133600, merged in October 2024
+#: after 2.5.0 was released), which the CUDA path needs.
 MIN_TORCH_CUDA = (2, 6)
 
 
