@@ -8,7 +8,8 @@
 * :mod:`.graph`: stream capture, conditional IF nodes, instantiated graphs.
 
 Every resource is an owner with ``close()`` and a context manager. Importing this package does
-not import cuda-python; the first call does (``pip install 'trt-exit[cuda]'``).
+not import cuda-python; the first call does (``pip install 'trt-exit[cuda13]'`` on a CUDA 13
+driver, ``'trt-exit[cuda12]'`` on a CUDA 12 driver; :func:`api.version_mismatch` says which).
 """
 
 from trt_exit.runtime.cuda.api import (
