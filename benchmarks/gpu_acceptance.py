@@ -287,10 +287,27 @@ def run(steps: list[Step], out: Path) -> list[dict]:
             rc, seconds = _run(step.command, log, min(step.timeout_s, left), env)
             record.update(status="ok" if rc == 0 else "failed", rc=rc, log=str(log),
                           seconds=round(seconds, 1))
+            if step.name == "pytest-gpu":
+                record["tests"] = junit_counts(out / "pytest-gpu.xml")
+                if record["tests"].get("passed", 0) == 0:  # all skipped: no GPU was used
+                    record.update(status="failed", reason="no GPU test passed (see the skips)")
         print(f"[{record['status']:>7}] {step.name} ({record['seconds']} s)"
               + (f": {record.get('reason')}" if record.get("reason") else ""), flush=True)
         records.append(record)
     return records
+
+
+def junit_counts(path: Path) -> dict[str, int]:
+    """Tests, failures, errors, skipped and passed in a pytest JUnit XML file ({} if absent)."""
+    import xml.etree.ElementTree as ElementTree
+
+    if not path.is_file():
+        return {}
+    root = ElementTree.parse(path).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    return counts
 
 
 def download_wheels(folder: Path) -> int:

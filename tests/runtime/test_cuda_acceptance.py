@@ -72,3 +72,12 @@ def test_wheels_are_matched_by_normalized_distribution_name(acceptance, tmp_path
     assert acceptance.wheel_for("scikit-learn>=1.3", tmp_path).name.startswith("scikit_learn")
     assert acceptance.wheel_for("nvtx>=0.2", tmp_path) is None
     assert acceptance.requirement_name("cuda-bindings[all]>=13,<14") == "cuda-bindings"
+
+
+def test_a_gpu_test_run_where_everything_skipped_counts_as_failed(acceptance, tmp_path):
+    xml = tmp_path / "pytest-gpu.xml"
+    xml.write_text('<testsuites><testsuite name="pytest" errors="0" failures="1" skipped="3" '
+                   'tests="6"></testsuite></testsuites>')
+    assert acceptance.junit_counts(xml) == {"tests": 6, "failures": 1, "errors": 0,
+                                            "skipped": 3, "passed": 2}
+    assert acceptance.junit_counts(tmp_path / "absent.xml") == {}
