@@ -69,8 +69,8 @@ def torch_cuda_unsupported(version: str, has_mem_pool: bool) -> str:
             f"{floor}+), or use backend='tensorrt' / the onnxruntime host executor")
 
 
-#: Modules the FP16 pass keeps in FP32 (as ``FP32_OP_TYPES`` of the ONNX pass): normalization.
 def _fp32_module_types():
+    """Modules the FP16 pass keeps in FP32 (as ``FP32_OP_TYPES`` of the ONNX pass do)."""
     nn = _torch().nn
     return (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm,
             nn.modules.instancenorm._InstanceNorm)
@@ -119,6 +119,8 @@ class _Fp16Stage:
         self.module = module
 
     def __getattr__(self, name):
+        if name == "module":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
         return getattr(self.module, name)
 
     def __call__(self, *args):
