@@ -72,6 +72,7 @@ def test_classifier_wise_training_keeps_timm_head_frozen(timm_vit, digits):
     assert any(not torch.equal(a, b) for a, b in zip(exit_before, model.exits[0].parameters()))
 
 
-def test_non_vit_models_are_refused():
-    with pytest.raises(ConfigError, match="not a timm VisionTransformer"):
+def test_models_without_forward_intermediates_are_refused():
+    with pytest.raises(ConfigError, match="does not implement timm's forward_intermediates.*"
+                                          "supported: timm VisionTransformer"):
         attach_exits(torch.nn.Linear(2, 2), [1])

@@ -205,6 +205,10 @@ def export_model(
         if not full_record["ok"]:
             raise parity.ParityError(f"full-model graph does not match PyTorch: {full_record}")
         report["stages"].append(full_record)
+        trained = getattr(model, "trained_reference", None)  # set by load_checkpoint
+        if trained is not None:
+            report["trained_model"] = parity.check_trained(
+                model, trained, [s.entry.name for s in stages], run_onnx)
         # Heads may append columns to their output (a predicted error scale): record how many
         # leading columns are the prediction, so runtimes report values only.
         value_columns = int(model.exits[-1].prediction(full_ref[0]).shape[1])

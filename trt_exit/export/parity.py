@@ -101,3 +101,46 @@ def check_stages(
         "output_tolerance": OUTPUT_ATOL[precision],
         "stages": records,
     }
+
+
+def check_trained(
+    model: Any,
+    reference: Mapping[str, Any],
+    stage_names: Sequence[str],
+    run_candidate: Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]],
+) -> dict[str, Any]:
+    """Chains the exported stages on a checkpoint's reference input and compares every exit's
+    output with the outputs the *trained* model computed before it was saved.
+
+    :func:`check_stages` compares each graph with the PyTorch module it was exported from, which,
+    after a checkpoint round trip, is a rebuild; this check closes the loop to the model that was
+    trained (see :mod:`trt_exit.models.checkpoint`). The graphs run chained (each on the previous
+    graph's outputs), so the tolerance is the checkpoint's relative one, not the per-stage one.
+
+    Returns:
+        ``{"ok", "max_output_diff", "tolerance", "per_exit"}``.
+
+    Raises:
+        ParityError: An exit differs from the trained model's output beyond the tolerance.
+    """
+    from trt_exit import tensor_names as tn
+    from trt_exit.models.checkpoint import (
+        compare_with_reference,
+        reference_inputs,
+        reference_tolerance,
+    )
+
+    values: dict[str, np.ndarray] = dict(reference_inputs(model))
+    for name in stage_names:
+        values.update(run_candidate(name, values))
+    outputs = [values[tn.exit_output(k)] for k in range(len(reference["outputs"]))
+               if tn.exit_output(k) in values]
+    diffs = compare_with_reference(outputs, reference)
+    limit = reference_tolerance(reference)
+    if not max(diffs) <= limit:
+        worst = max(range(len(diffs)), key=diffs.__getitem__)
+        raise ParityError(f"the exported graphs do not reproduce the trained model: exit {worst} "
+                          f"differs by {diffs[worst]:.3g} > {limit:.3g} from the outputs saved "
+                          f"with the checkpoint")
+    return {"ok": True, "max_output_diff": max(diffs), "tolerance": limit, "per_exit": diffs,
+            "input": "checkpoint reference input (trt_exit.models.checkpoint.reference_inputs)"}

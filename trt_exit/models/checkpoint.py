@@ -2,7 +2,14 @@
 
 safetensors stores tensors only, so loading a checkpoint can never run code (unlike pickle).
 The config travels in the metadata, so ``load_checkpoint`` rebuilds the model without being told
-what it is.
+what it is. So do the outputs of every exit of the saved model on a fixed input (the
+*reference*): ``load_checkpoint`` recomputes them with the rebuilt model and refuses a rebuild that
+computes something else, and export compares its ONNX graphs with them, so parity is checked
+against the model that was trained, not only against its rebuild.
+
+:func:`load_weights_into` reads pretrained weights of a plain module (a timm backbone) from a
+safetensors file or a PyTorch state dict (``torch.load(weights_only=True)``, no code runs) and
+checks them against the architecture.
 """
 
 from __future__ import annotations
@@ -18,6 +25,62 @@ from trt_exit.models.multi_exit import ModelConfig, MultiExitModel, build_model
 
 CONFIG_KEY = "trt_exit.model_config"
 EXTRA_KEY = "trt_exit.extra"
+REFERENCE_KEY = "trt_exit.reference"
+#: Seed and batch of the reference input (numpy PCG64: identical on every machine).
+REFERENCE_SEED = 20261201
+REFERENCE_BATCH = 2
+#: A rebuilt model must reproduce the saved outputs within this, relative to max(1, |output|).
+REFERENCE_RTOL = 1e-4
+
+
+def reference_inputs(model: MultiExitModel) -> dict[str, "np.ndarray"]:
+    """The fixed inputs the reference outputs are computed on, by input name."""
+    import numpy as np
+
+    generator = np.random.default_rng(REFERENCE_SEED)
+    return {name: generator.standard_normal((REFERENCE_BATCH, *shape)).astype(np.float32)
+            for name, shape in model.input_shapes().items()}
+
+
+def reference_outputs(model: MultiExitModel) -> list["np.ndarray"]:
+    """Every exit's output (eval mode, on the CPU, float32) on :func:`reference_inputs`."""
+    import copy
+
+    import torch
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    net = model if device.type == "cpu" else copy.deepcopy(model).cpu()
+    training = net.training
+    net.eval()
+    try:
+        inputs = {k: torch.from_numpy(v) for k, v in reference_inputs(net).items()}
+        with torch.no_grad():
+            outputs = net(*inputs.values())
+    finally:
+        net.train(training)
+    return [o.float().numpy() for o in outputs]
+
+
+def compare_with_reference(outputs: list, reference: dict[str, Any]) -> list[float]:
+    """Max abs difference per exit between ``outputs`` and a stored reference record; inf where
+    the shapes differ."""
+    import numpy as np
+
+    diffs = []
+    for out, ref in zip(outputs, reference["outputs"]):
+        ref = np.asarray(ref, dtype=np.float64)
+        out = np.asarray(out, dtype=np.float64)
+        diffs.append(float(np.abs(out - ref).max()) if out.shape == ref.shape else float("inf"))
+    if len(outputs) != len(reference["outputs"]):
+        diffs.append(float("inf"))
+    return diffs
+
+
+def reference_tolerance(reference: dict[str, Any]) -> float:
+    import numpy as np
+
+    scale = max([1.0] + [float(np.abs(np.asarray(r)).max()) for r in reference["outputs"]])
+    return REFERENCE_RTOL * scale
 
 
 def save_checkpoint(model: MultiExitModel, path: str | os.PathLike,
@@ -31,7 +94,12 @@ def save_checkpoint(model: MultiExitModel, path: str | os.PathLike,
     """
     from safetensors.torch import save_model
 
-    metadata = {CONFIG_KEY: json.dumps(model.config.to_dict())}
+    import torch
+
+    metadata = {CONFIG_KEY: json.dumps(model.config.to_dict()),
+                REFERENCE_KEY: json.dumps({
+                    "seed": REFERENCE_SEED, "batch": REFERENCE_BATCH, "torch": torch.__version__,
+                    "outputs": [o.tolist() for o in reference_outputs(model)]})}
     if extra:
         metadata[EXTRA_KEY] = json.dumps(extra)
     with atomic_path(path) as tmp:
@@ -55,11 +123,21 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise ArtifactError(f"{path} is a safetensors file but not a trt_exit checkpoint "
                             f"(no {CONFIG_KEY!r} metadata)")
     return {"config": json.loads(metadata[CONFIG_KEY]),
-            "extra": json.loads(metadata.get(EXTRA_KEY, "{}"))}
+            "extra": json.loads(metadata.get(EXTRA_KEY, "{}")),
+            "reference": json.loads(metadata[REFERENCE_KEY]) if REFERENCE_KEY in metadata else None}
 
 
 def load_checkpoint(path: str | os.PathLike) -> MultiExitModel:
-    """Rebuilds the model stored at ``path`` and loads its weights (in eval mode)."""
+    """Rebuilds the model stored at ``path`` and loads its weights (in eval mode).
+
+    The rebuilt model is checked against the reference outputs saved with it (checkpoints
+    written before references existed are loaded unchecked); the record stays on the model as
+    ``trained_reference`` for export's parity check.
+
+    Raises:
+        ArtifactError: Unreadable file, weights that do not fit the config, or a rebuilt model
+            that does not reproduce the saved one.
+    """
     from safetensors.torch import load_model
 
     metadata = read_metadata(path)
@@ -68,4 +146,75 @@ def load_checkpoint(path: str | os.PathLike) -> MultiExitModel:
         missing, unexpected = load_model(model, str(path), strict=True)
     except Exception as exc:
         raise ArtifactError(f"{path}: weights do not fit the stored config ({exc})") from exc
+    reference = metadata["reference"]
+    if reference is not None:
+        diffs = compare_with_reference(reference_outputs(model), reference)
+        limit = reference_tolerance(reference)
+        if not max(diffs) <= limit:
+            worst = max(range(len(diffs)), key=diffs.__getitem__)
+            raise ArtifactError(
+                f"{path}: the model rebuilt from this checkpoint does not compute what the saved "
+                f"model computed (exit {worst} differs by {diffs[worst]:.3g} > {limit:.3g} on the "
+                f"reference input); the config does not rebuild it (a different timm/torch "
+                f"version? saved with torch {reference.get('torch')})")
+        model.trained_reference = reference
     return model.eval()
+
+
+# --------------------------------------------------------------------------- pretrained weights
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """Tensors of a safetensors file, or of a PyTorch state dict file loaded without pickle
+    code (``torch.load(weights_only=True)``); a checkpoint dict holding the state dict under
+    ``state_dict``, ``model`` or ``state_dict_ema`` is unwrapped."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # SafetensorError and others for damaged files
+            raise ArtifactError(f"{path} is not a readable safetensors file ({exc})") from exc
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError (code in the file), EOFError, zip errors
+        raise ArtifactError(f"{path} is not a plain PyTorch state dict loadable with "
+                            f"weights_only=True ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200]}); convert it to .safetensors") from exc
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+            break
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ArtifactError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return data
+
+
+def load_weights_into(module: "torch.nn.Module", path: str | os.PathLike) -> None:
+    """Loads the weights file ``path`` into ``module``, all of them or nothing.
+
+    Raises:
+        ArtifactError: Missing or unexpected keys, or a shape that differs (the message names
+            the first few), i.e. weights of another architecture.
+    """
+    state = read_state_dict(path)
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                         ("shape mismatches", shapes)):
+        if items:
+            problems.append(f"{len(items)} {label} ({', '.join(items[:3])}"
+                            f"{', ...' if len(items) > 3 else ''})")
+    if problems:
+        raise ArtifactError(f"{path} does not fit {type(module).__name__}: {'; '.join(problems)}; "
+                            f"is it a checkpoint of another architecture or class count?")
+    module.load_state_dict(state, strict=True)

@@ -251,14 +251,19 @@ class MultiExitModel(nn.Module):
 
 
 def exit_context(backbone: nn.Module, config: ModelConfig,
-                 shared: dict | None = None) -> ExitContext:
-    """The :class:`ExitContext` of exits attached to ``backbone``."""
+                 shared: dict | None = None, after_block: int | None = None) -> ExitContext:
+    """The :class:`ExitContext` of an exit attached to ``backbone`` after ``after_block`` blocks
+    (backbones whose width or grid changes with depth, timm CNNs, say so with
+    ``exit_geometry(after_block)``)."""
+    geometry = {"embed_dim": backbone.embed_dim, "num_heads": backbone.num_heads,
+                "num_tokens": backbone.num_tokens, "num_prefix_tokens": backbone.num_prefix_tokens,
+                "grid_size": tuple(backbone.grid_size),
+                "has_class_token": getattr(backbone, "has_class_token",
+                                           backbone.num_prefix_tokens > 0)}
+    if after_block is not None and hasattr(backbone, "exit_geometry"):
+        geometry.update(backbone.exit_geometry(after_block))
     return ExitContext(
-        embed_dim=backbone.embed_dim,
-        num_heads=backbone.num_heads,
-        num_tokens=backbone.num_tokens,
-        num_prefix_tokens=backbone.num_prefix_tokens,
-        grid_size=tuple(backbone.grid_size),
+        **{**geometry, "grid_size": tuple(geometry["grid_size"])},
         num_outputs=config.num_outputs,
         task=config.task,
         audio_shape=tuple(config.audio_shape) if config.audio_shape else None,
@@ -269,12 +274,13 @@ def exit_context(backbone: nn.Module, config: ModelConfig,
 
 def build_exits(backbone: nn.Module, config: ModelConfig) -> tuple[list[ExitHead], list[int]]:
     """Creates the exit heads of ``config`` (final head last) and their block positions."""
-    context = exit_context(backbone, config)
-    heads, blocks = [], []
-    for spec in [*config.exits, config.head]:
+    shared: dict = {}
+    blocks = [spec.after_block for spec in config.exits] + [len(backbone.blocks)]
+    heads = []
+    for spec, after_block in zip([*config.exits, config.head], blocks):
+        context = exit_context(backbone, config, shared, after_block)
         options = {"confidence": config.confidence, **spec.options}
         heads.append(create_exit(spec.type, context, **options))
-    blocks = [spec.after_block for spec in config.exits] + [len(backbone.blocks)]
     return heads, blocks
 
 

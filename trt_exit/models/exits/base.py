@@ -44,6 +44,9 @@ class ExitContext:
             not part of the context's identity.
         shared: One dict per model, handed to every exit head of it: heads that share modules
             across exits (the BoF family's single classifier) keep them here.
+        has_class_token: Whether the first prefix token is a class token (False for ViTs with
+            register tokens only: then the prefix tokens are registers, which exits that read
+            a class token must not take for one).
     """
 
     embed_dim: int
@@ -56,6 +59,7 @@ class ExitContext:
     audio_shape: tuple[int, ...] | None = None
     backbone: Any = field(default=None, repr=False, compare=False)
     shared: dict = field(default_factory=dict, repr=False, compare=False)
+    has_class_token: bool = True
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:

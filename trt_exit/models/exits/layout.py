@@ -46,9 +46,12 @@ def require_layout(context: ExitContext, family: str, *allowed: str) -> str:
 def require_class_token(context: ExitContext, family: str) -> None:
     """Raises ConfigError unless ``context`` has token features with a class token first."""
     require_layout(context, family, TOKENS)
-    if context.num_prefix_tokens < 1:
+    if context.num_prefix_tokens < 1 or not context.has_class_token:
+        what = ("no prefix tokens" if context.num_prefix_tokens < 1 else
+                f"no class token (its {context.num_prefix_tokens} prefix tokens are register "
+                f"tokens)")
         raise ConfigError(
-            f"the {family!r} exit reads the class token, but this backbone has no prefix tokens; "
+            f"the {family!r} exit reads the class token, but this backbone has {what}; "
             f"use a family that reads patch tokens only (cnn_ignore, mixer, resmlp, slvit, bof)"
         )
 
