@@ -31,14 +31,24 @@ def _calibrate(args: argparse.Namespace) -> int:
     from trt_exit.export import calibration as calib
 
     manifest = _manifest(args.dir)
-    if args.source:
+    if args.source and args.source.startswith("imagefolder://"):
+        from trt_exit.training.image_folder import calibration_from_folder
+
+        cset = calib.CalibrationSet(*calibration_from_folder(manifest, args.source, args.size,
+                                                             args.seed))
+    elif args.source:
         cset = calib.from_file(args.source)
     else:
         from trt_exit.workflow import dataset_of, load_splits
 
         info = dataset_of(manifest)
         splits = load_splits(info["name"], info["seed"], info.get("options"))
-        cset = calib.from_dataset(splits[args.split], args.size, args.seed)
+        split = splits[args.split]
+        if hasattr(split, "materialize"):  # a streamed image folder: decode only the sample
+            from trt_exit.training.image_folder import sample_stratified
+
+            split = split.subset(sample_stratified(split, args.size, args.seed)).materialize()
+        cset = calib.from_dataset(split, args.size, args.seed)
     manifest = calib.save(manifest, cset)
     record = manifest.calibration
     origin = record["origin"]
@@ -149,7 +159,9 @@ def register(subparsers) -> None:
                    help=f"samples (default {DEFAULT_SAMPLES}; at least 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draw")
     p.add_argument("--from", dest="source", metavar="FILE",
-                   help="use this .npz (arrays named like the model inputs) or .npy instead")
+                   help="use this .npz (arrays named like the model inputs) or .npy instead, or "
+                        "imagefolder://DIR: a class-stratified sample of its images through the "
+                        "model's own preprocessing")
     p.set_defaults(func=_calibrate)
 
     p = subparsers.add_parser(

@@ -30,9 +30,10 @@ def _add_train_options(parser: argparse.ArgumentParser, recipe: str) -> None:
     """Training flags; ``recipe`` names where unset values come from (for the help)."""
     group = parser.add_argument_group(f"training (unset options keep {recipe})")
     group.add_argument("--epochs", type=int, help="training epochs")
-    group.add_argument("--regime", choices=("end_to_end", "classifier_wise"),
+    group.add_argument("--regime", choices=("end_to_end", "classifier_wise", "copycat"),
                        help="end_to_end: everything, final exit weighted 2x; classifier_wise: "
-                            "backbone frozen, exits trained")
+                            "backbone frozen, exits trained; copycat (train --timm only): "
+                            "CopycatSL-ViT, exits imitate the final head, then learn the labels")
     group.add_argument("--backbone-epochs", type=int,
                        help="classifier_wise: epochs of backbone + final head first")
     group.add_argument("--lr", type=float, help="peak learning rate")
@@ -100,7 +101,42 @@ def _demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- steps
 
 
+def _train_timm(args: argparse.Namespace) -> int:
+    """``train --timm NAME --data imagefolder://DIR``: see :mod:`trt_exit.workflow_timm`."""
+    from trt_exit.training.config import TrainConfig
+    from trt_exit.workflow_timm import parse_timm_args, train_timm_run
+
+    if not args.data:
+        raise ConfigError("train --timm needs --data imagefolder://DIR (or a .csv / .jsonl list)")
+    regime = args.regime or "classifier_wise"
+    config = _train_config(args, TrainConfig(regime="classifier_wise", epochs=10, lr=1e-3,
+                                             warmup_epochs=1))
+    size = None
+    if args.input_size:
+        try:
+            size = [int(v) for v in args.input_size.split(",")]
+        except ValueError:
+            raise ConfigError(f"bad --input-size {args.input_size!r}; use C,H,W") from None
+    summary = train_timm_run(args.out, args.timm, args.data, parse_exits(args.exits), regime,
+                             config, args.checkpoint, parse_timm_args(args.timm_arg), size,
+                             args.workers, args.resume, progress=not args.no_progress)
+    metric = "accuracy" if summary["task"] == "classification" else "MAE"
+    print(f"trained {args.timm} exits ({regime}); val {metric} per exit: "
+          f"{', '.join(f'{m:.4f}' for m in summary['val_metrics'])}"
+          + (f"; skipped {summary['skipped_images']} unreadable training images"
+             if summary["skipped_images"] else ""))
+    print(f"wrote {summary['checkpoint']}; next: trt-exit export --out {args.out}")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
+    if args.timm:
+        return _train_timm(args)
+    if args.data or args.checkpoint or args.timm_arg or args.resume:
+        raise ConfigError("--data, --checkpoint, --timm-arg and --resume go with --timm NAME")
+    if args.regime == "copycat":
+        raise ConfigError("--regime copycat goes with --timm NAME (registered models: "
+                          "end_to_end or classifier_wise)")
     from trt_exit.training.config import DEMO_TRAIN, TrainConfig
     from trt_exit.training.trainer import evaluate
     from trt_exit.workflow import CHECKPOINT_NAME, train_step
@@ -253,7 +289,22 @@ def register(subparsers) -> None:
                    help="dataset loader option, repeatable (e.g. root=/data/disco for disco and "
                         "speech_commands)")
     _add_train_options(p, "the demo recipe for multi_exit_vit_digits, TrainConfig's defaults "
-                          "otherwise")
+                          "otherwise; with --timm: classifier_wise, 10 epochs, lr 1e-3")
+    byo = p.add_argument_group("your own model and images (see docs/byo.md)")
+    byo.add_argument("--timm", metavar="NAME", help="timm model name (e.g. deit_tiny_patch16_224, "
+                                                    "resnet18); replaces --model")
+    byo.add_argument("--timm-arg", action="append", metavar="KEY=VALUE",
+                     help="timm creation argument, repeatable, recorded in the checkpoint "
+                          "(e.g. act_layer=quick_gelu, img_size=224)")
+    byo.add_argument("--checkpoint", metavar="PATH",
+                     help="pretrained weights of the timm model: .safetensors or a PyTorch state "
+                          "dict (loaded with weights_only=True); never downloaded")
+    byo.add_argument("--data", metavar="URI", help="imagefolder://DIR (class folders, or train/ "
+                                                   "val/ test/ of them) or imagefolder://FILE.csv")
+    byo.add_argument("--input-size", metavar="C,H,W", help="input size (default: the backbone's)")
+    byo.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images")
+    byo.add_argument("--resume", action="store_true",
+                     help="continue OUT.partial (an interrupted run) after its last epoch")
     p.set_defaults(func=_train)
 
     p = subparsers.add_parser("export", help="export a checkpoint to per-stage ONNX graphs")

@@ -226,6 +226,16 @@ def family_of(model: nn.Module) -> _Family:
                       f"supported: {SUPPORTED}")
 
 
+def default_input_size(model: nn.Module) -> tuple[int, ...]:
+    """(C, H, W) a timm model takes: its patch embedding's (ViTs, fixed by construction), else
+    its ``pretrained_cfg["input_size"]`` (CNNs take any size; this is the pretrained one)."""
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None and getattr(patch_embed, "img_size", None) is not None:
+        return (int(patch_embed.proj.in_channels), *(int(v) for v in patch_embed.img_size))
+    return tuple(int(v) for v in (getattr(model, "pretrained_cfg", None) or {}).get(
+        "input_size", ()))
+
+
 def _heads_for(width: int) -> int:
     """Default attention heads of exits on a width-``width`` feature map."""
     return next(h for h in (8, 4, 2, 1) if width % h == 0)
@@ -259,12 +269,8 @@ class TimmBackbone(nn.Module):
             setattr(self, key, first[key])
 
     def _input_size(self, model: nn.Module, input_size) -> tuple[int, int, int]:
-        if input_size is not None:
-            size = tuple(int(v) for v in input_size)
-        elif self.feature_layout == TOKENS:
-            size = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
-        else:
-            size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", ()))
+        size = tuple(int(v) for v in input_size) if input_size is not None else (
+            default_input_size(model))
         if len(size) != 3 or min(size) < 1:
             raise ConfigError(f"give the input size of {type(model).__name__} as (C, H, W), "
                               f"got {input_size!r}")

@@ -34,6 +34,9 @@ from trt_exit.training.datasets import Dataset
 from trt_exit.training.losses import exit_weights, multi_exit_loss
 
 
+#: ``epoch_callback(phase, epoch, state)`` after every epoch; ``state`` (model, optimizer,
+#: generator, record) saved with ``torch.save`` is what ``train(resume_from=...)`` continues from.
+EpochCallback = Callable[[str, int, dict[str, Any]], None]
 #: ``targets_fn(model, inputs, targets) -> one target per exit``; see CopycatSL-ViT.
 TargetsFn = Callable[[MultiExitModel, dict[str, torch.Tensor], torch.Tensor], list[torch.Tensor]]
 
@@ -91,9 +94,33 @@ def _to_torch(dataset: Dataset) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     return inputs, torch.from_numpy(np.ascontiguousarray(dataset.targets))
 
 
-def predict_exits(model: MultiExitModel, dataset: Dataset, batch_size: int = 256) -> list[np.ndarray]:
+def _is_streaming(dataset) -> bool:
+    """A split that streams batches (image folders) rather than holding arrays."""
+    return not isinstance(dataset, Dataset) and callable(getattr(dataset, "batches", None))
+
+
+@torch.no_grad()
+def predict_with_targets(model: MultiExitModel, dataset, batch_size: int = 256
+                         ) -> tuple[list[np.ndarray], np.ndarray]:
+    """Outputs of every exit on ``dataset`` and the targets they belong to (a streaming split
+    may skip undecodable images, so its targets come from the batches)."""
+    if not _is_streaming(dataset):
+        return predict_inputs(model, dataset.inputs, batch_size), dataset.targets
+    model.eval()
+    chunks: list[list[np.ndarray]] = [[] for _ in range(model.num_exits)]
+    targets = []
+    for batch, batch_targets in dataset.batches(batch_size, shuffle=False, training=False):
+        for k, out in enumerate(forward_inputs(model, batch)):
+            chunks[k].append(out.float().cpu().numpy())
+        targets.append(batch_targets.numpy())
+    if not targets:
+        raise ConfigError(f"{dataset.name}: none of its samples could be read")
+    return [np.concatenate(c) for c in chunks], np.concatenate(targets)
+
+
+def predict_exits(model: MultiExitModel, dataset, batch_size: int = 256) -> list[np.ndarray]:
     """Outputs of every exit on ``dataset``: a list of (N, num_outputs) float32 arrays."""
-    return predict_inputs(model, dataset.inputs, batch_size)
+    return predict_with_targets(model, dataset, batch_size)[0]
 
 
 def exit_metric(output: np.ndarray, targets: np.ndarray, task: str, columns: int | None = None) -> float:
@@ -109,10 +136,10 @@ def metric_name(task: str) -> str:
     return "accuracy" if task == CLASSIFICATION else "mae"
 
 
-def evaluate(model: MultiExitModel, dataset: Dataset) -> list[float]:
-    """Per-exit metric on ``dataset`` (see :func:`exit_metric`)."""
-    outputs = predict_exits(model, dataset)
-    return [exit_metric(out, dataset.targets, dataset.task) for out in outputs]
+def evaluate(model: MultiExitModel, dataset) -> list[float]:
+    """Per-exit metric on ``dataset`` (see :func:`exit_metric`); arrays or a streaming split."""
+    outputs, targets = predict_with_targets(model, dataset)
+    return [exit_metric(out, targets, dataset.task) for out in outputs]
 
 
 def _set_trainable(model: MultiExitModel, train_backbone: bool, exit_mask: Sequence[bool]) -> list:
@@ -127,6 +154,35 @@ def _set_trainable(model: MultiExitModel, train_backbone: bool, exit_mask: Seque
     return list(unique.values())
 
 
+def _train_batches(train_set, config: TrainConfig, generator: torch.Generator):
+    """One epoch of shuffled, augmented training batches: ``(inputs by name, targets)``.
+
+    Array datasets are indexed here and augmented with the recipe's affine / shift; streaming
+    splits (image folders) are shuffled by a seed drawn from ``generator`` and augmented by their
+    own (timm) transform in the DataLoader workers.
+    """
+    from trt_exit import tensor_names as tn
+
+    if _is_streaming(train_set):
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        yield from train_set.batches(config.batch_size, shuffle=True, seed=seed)
+        return
+    inputs, targets = _to_torch(train_set)
+    order = torch.randperm(len(train_set), generator=generator)
+    for start in range(0, len(train_set), config.batch_size):
+        idx = order[start : start + config.batch_size]
+        batch = {k: v[idx] for k, v in inputs.items()}
+        if tn.IMAGE not in batch:
+            pass  # image augmentation only; spectrogram backbones bring their own
+        elif config.augment_rotate_deg or config.augment_scale:
+            batch[tn.IMAGE] = random_affine(batch[tn.IMAGE], config.augment_rotate_deg,
+                                            config.augment_scale, config.augment_shift_px,
+                                            generator)
+        elif config.augment_shift_px:
+            batch[tn.IMAGE] = random_shift(batch[tn.IMAGE], config.augment_shift_px, generator)
+        yield batch, targets[idx]
+
+
 def _run_phase(
     model: MultiExitModel,
     name: str,
@@ -139,10 +195,10 @@ def _run_phase(
     generator: torch.Generator,
     progress: bool,
     targets_fn: TargetsFn | None,
+    epoch_callback: EpochCallback | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     from tqdm.auto import tqdm
-
-    from trt_exit import tensor_names as tn
 
     exit_mask = [w > 0 for w in weights]
     params = _set_trainable(model, train_backbone, exit_mask)
@@ -153,7 +209,6 @@ def _run_phase(
          {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr,
     )
-    inputs, targets = _to_torch(train_set)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     total_steps = max(epochs * steps_per_epoch, 1)
     warmup = config.warmup_epochs * steps_per_epoch
@@ -166,25 +221,23 @@ def _run_phase(
 
     record: dict[str, Any] = {"phase": name, "epochs": epochs, "loss": [], "val": []}
     step = 0
-    bar = tqdm(range(epochs), desc=f"train {name}", disable=not progress, leave=False)
-    for _ in bar:
+    first = 0
+    if resume is not None:  # continue after the last finished epoch of this phase
+        optimizer.load_state_dict(resume["optimizer"])
+        generator.set_state(resume["generator"])
+        record = resume["record"]
+        first = int(resume["epoch"]) + 1
+        step = first * steps_per_epoch
+    bar = tqdm(range(first, epochs), desc=f"train {name}", disable=not progress, leave=False)
+    for epoch in bar:
         model.train()
         if not train_backbone:
             model.backbone.eval()  # frozen: no dropout / drop-path noise
-        order = torch.randperm(len(train_set), generator=generator)
         epoch_loss = 0.0
-        for start in range(0, len(train_set), config.batch_size):
-            idx = order[start : start + config.batch_size]
-            batch = {k: v[idx] for k, v in inputs.items()}
-            if tn.IMAGE not in batch:
-                pass  # image augmentation only; spectrogram backbones bring their own
-            elif config.augment_rotate_deg or config.augment_scale:
-                batch[tn.IMAGE] = random_affine(batch[tn.IMAGE], config.augment_rotate_deg,
-                                                config.augment_scale, config.augment_shift_px,
-                                                generator)
-            elif config.augment_shift_px:
-                batch[tn.IMAGE] = random_shift(batch[tn.IMAGE], config.augment_shift_px, generator)
-            batch_targets = targets[idx]
+        seen = 0
+        images = tqdm(total=len(train_set), unit="img", desc="epoch", disable=not progress,
+                      leave=False)  # shows throughput (img/s)
+        for batch, batch_targets in _train_batches(train_set, config, generator):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
             outputs = forward_inputs(model, batch)
@@ -193,17 +246,29 @@ def _run_phase(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            epoch_loss += loss.item() * len(idx)
+            epoch_loss += loss.item() * len(batch_targets)
+            seen += len(batch_targets)
+            images.update(len(batch_targets))
             step += 1
-        record["loss"].append(epoch_loss / len(train_set))
+        images.close()
+        if seen == 0:
+            raise ConfigError(f"{train_set.name}: no training sample could be read")
+        record["loss"].append(epoch_loss / seen)
         postfix = {"loss": f"{record['loss'][-1]:.3f}"}
         if val_set is not None:
             metrics = evaluate(model, val_set)
             record["val"].append(metrics)
             postfix["val"] = " ".join(f"{m:.3f}" for m in metrics)
         bar.set_postfix(postfix)
+        if epoch_callback is not None:
+            epoch_callback(name, epoch, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(), "record": record})
     bar.close()
     model.requires_grad_(True)
+    skipped = getattr(train_set, "skipped_images", 0)
+    if skipped:
+        record["skipped_images"] = skipped
     return record
 
 
@@ -214,6 +279,8 @@ def train(
     val_set: Dataset | None = None,
     progress: bool = True,
     targets_fn: TargetsFn | None = None,
+    epoch_callback: EpochCallback | None = None,
+    resume_from: str | None = None,
 ) -> TrainHistory:
     """Trains ``model`` in place under ``config.regime``.
 
@@ -224,6 +291,10 @@ def train(
         val_set: If given, per-exit validation metrics are recorded after every epoch.
         progress: Show tqdm progress bars.
         targets_fn: Replaces the dataset targets per exit (CopycatSL-ViT's imitation phase).
+        epoch_callback: Called after every epoch with the state to resume from.
+        resume_from: A file ``epoch_callback``'s state was saved to (``torch.save``): its
+            phase continues after its epoch, earlier phases are skipped. The model's weights
+            must already be loaded from it.
 
     Returns:
         The training history.
@@ -240,17 +311,24 @@ def train(
     began = time.perf_counter()
     n = model.num_exits
     if config.regime == END_TO_END:
-        history.phases.append(_run_phase(
-            model, END_TO_END, train_set, val_set, config, config.epochs, True,
-            exit_weights(n, config.final_weight), generator, progress, targets_fn))
+        phases = [(END_TO_END, config.epochs, True, exit_weights(n, config.final_weight),
+                   targets_fn)]
     else:
-        if config.backbone_epochs:
-            history.phases.append(_run_phase(
-                model, "backbone", train_set, val_set, config, config.backbone_epochs, True,
-                [0.0] * (n - 1) + [1.0], generator, progress, None))
+        phases = [("backbone", config.backbone_epochs, True, [0.0] * (n - 1) + [1.0], None)
+                  ] if config.backbone_epochs else []
+        phases.append(("exits", config.epochs, False, [1.0] * (n - 1) + [0.0], targets_fn))
+    resume = None
+    if resume_from is not None:
+        resume = torch.load(resume_from, map_location="cpu", weights_only=True)
+        names = [p[0] for p in phases]
+        if resume.get("phase") not in names:
+            raise ConfigError(f"{resume_from} resumes phase {resume.get('phase')!r}, which this "
+                              f"recipe does not have ({names})")
+        phases = phases[names.index(resume["phase"]):]
+    for name, epochs, train_backbone, weights, fn in phases:
         history.phases.append(_run_phase(
-            model, "exits", train_set, val_set, config, config.epochs, False,
-            [1.0] * (n - 1) + [0.0], generator, progress, targets_fn))
+            model, name, train_set, val_set, config, epochs, train_backbone, weights, generator,
+            progress, fn, epoch_callback, resume if resume and resume["phase"] == name else None))
     model.eval()
     history.seconds = time.perf_counter() - began
     return history
