@@ -76,3 +76,42 @@ def fresh_copy(tmp_path):
 def torch_outputs(model, images: np.ndarray) -> list[np.ndarray]:
     with torch.no_grad():
         return [o.numpy() for o in model(torch.from_numpy(images))]
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+class ImageFolderWriter:
+    """Writes small labelled image folders (real PNG and JPEG files) for image-folder tests."""
+
+    COLORS = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
+
+    def write_image(self, path: Path, color, rng, size=None, mode="RGB") -> Path:
+        """One noisy image of ``color`` at a random size (or ``size``), PNG or JPEG by suffix."""
+        from PIL import Image
+
+        width, height = size or (int(rng.integers(20, 56)), int(rng.integers(20, 56)))
+        pixels = np.clip(rng.normal(0, 30, (height, width, 3)) + color, 0, 255).astype(np.uint8)
+        image = Image.fromarray(pixels)
+        if mode != "RGB":
+            image = image.convert(mode)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        return path
+
+    def write_class_folders(self, root: Path, per_class: int = 10, seed: int = 0) -> Path:
+        """``root/<class>/<i>.png|jpg``: three colour classes, mixed sizes, some grayscale / RGBA."""
+        rng = np.random.default_rng(seed)
+        for c, color in enumerate(self.COLORS):
+            for i in range(per_class):
+                mode = ("L", "RGBA", "RGB", "RGB")[i % 4]
+                suffix = "png" if i % 2 else "jpg"
+                self.write_image(root / f"class_{c}" / f"{i}.{suffix}", color, rng,
+                                 mode="RGB" if suffix == "jpg" and mode == "RGBA" else mode)
+        return root
+
+
+@pytest.fixture(scope="session")
+def images() -> ImageFolderWriter:
+    """Writer of generated image folders (``images.write_class_folders(root)``)."""
+    return ImageFolderWriter()

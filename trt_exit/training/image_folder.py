@@ -94,6 +94,9 @@ class ImageList:
     paths: list[str]
     targets: np.ndarray
 
+    def __len__(self) -> int:
+        return len(self.paths)
+
     def take(self, indices: np.ndarray) -> "ImageList":
         return ImageList([self.paths[i] for i in indices], self.targets[indices])
 
