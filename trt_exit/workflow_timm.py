@@ -149,6 +149,8 @@ def _train_into(partial: Path, out: Path, root: Path, timm_name: str, exits: lis
     if resume:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         net.load_state_dict(state["model"])
+    if torch.cuda.is_available():
+        net.cuda()  # the trainer follows the model: CUDA with bf16 autocast (untested here)
     backbone_epochs = train.backbone_epochs
     if regime != END_TO_END and new_head and not backbone_epochs:
         raise ConfigError("the final head is untrained (random weights or a new class count): "
@@ -176,6 +178,7 @@ def _train_into(partial: Path, out: Path, root: Path, timm_name: str, exits: lis
         history["train"] = train_model(net, splits["train"],
                                        dataclasses.replace(train, regime=regime),
                                        **common).to_dict()
+    net.cpu()
     val_metrics = evaluate(net, splits["val"])
     dataset = {"name": "imagefolder", "seed": train.seed, "options": options,
                "split": info.get("split"), "class_names": classes}

@@ -16,7 +16,9 @@ from trt_exit import tensor_names as tn
 
 def forward_inputs(model, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
     """``model``'s outputs (one per exit) for inputs by tensor name (image or audio, and the
-    audio of audiovisual models)."""
+    audio of audiovisual models), moved to the device of the model's parameters."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    inputs = {name: value.to(device) for name, value in inputs.items()}
     return model(inputs[model.backbone_input], inputs.get(tn.AUDIO))
 
 
@@ -36,5 +38,5 @@ def predict_exits(model, inputs: Mapping[str, np.ndarray], batch_size: int = 256
     for start in range(0, count, batch_size):
         batch = {k: v[start : start + batch_size] for k, v in tensors.items()}
         for k, out in enumerate(forward_inputs(model, batch)):
-            chunks[k].append(out.float().numpy())
+            chunks[k].append(out.float().cpu().numpy())
     return [np.concatenate(c) for c in chunks]

@@ -94,6 +94,25 @@ def _to_torch(dataset: Dataset) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     return inputs, torch.from_numpy(np.ascontiguousarray(dataset.targets))
 
 
+def _device(model: MultiExitModel) -> torch.device:
+    """Where the model's parameters are (training follows the model: move it to a GPU first)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _forward(model: MultiExitModel, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Every exit's output, float32; on a CUDA model under bfloat16 autocast (mixed precision:
+    matmuls and convolutions in bf16, reductions and the losses in fp32; no loss scaling
+    needed for bf16). Not run on a GPU in this project's CI: it has none."""
+    device = _device(model)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        outputs = forward_inputs(model, _to_device(inputs, device))
+    return [o.float() for o in outputs]
+
+
 def _is_streaming(dataset) -> bool:
     """A split that streams batches (image folders) rather than holding arrays."""
     return not isinstance(dataset, Dataset) and callable(getattr(dataset, "batches", None))
@@ -201,6 +220,7 @@ def _run_phase(
     from tqdm.auto import tqdm
 
     exit_mask = [w > 0 for w in weights]
+    device = _device(model)
     params = _set_trainable(model, train_backbone, exit_mask)
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -238,9 +258,10 @@ def _run_phase(
         images = tqdm(total=len(train_set), unit="img", desc="epoch", disable=not progress,
                       leave=False)  # shows throughput (img/s)
         for batch, batch_targets in _train_batches(train_set, config, generator):
+            batch, batch_targets = _to_device(batch, device), batch_targets.to(device)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
-            outputs = forward_inputs(model, batch)
+            outputs = _forward(model, batch)
             per_exit = targets_fn(model, batch, batch_targets) if targets_fn else batch_targets
             loss = multi_exit_loss(model, outputs, per_exit, weights, config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
