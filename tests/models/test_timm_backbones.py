@@ -18,6 +18,7 @@ SMALL_VIT = dict(img_size=32, patch_size=8, depth=3, embed_dim=32, num_heads=2, 
 CNN_INPUT = (3, 32, 32)
 #: name, creation arguments, input size, exit positions, exit families
 BACKBONES = {
+    "vit": ("vit_tiny_patch16_224", SMALL_VIT, None, [2], ["mlp"]),
     "deit3": ("deit3_small_patch16_224", SMALL_VIT, None, [1, 2], ["mlp", "cnn_project"]),
     "eva02": ("eva02_tiny_patch14_224", dict(img_size=28, depth=3, num_classes=5), None,
               [1, 2], ["slvit", "vitee"]),
@@ -63,7 +64,7 @@ def test_cnn_exits_see_the_width_and_grid_of_their_stage():
     assert model.backbone.feature_layout == "map"
 
 
-@pytest.mark.parametrize("key", ["resnet", "eva02"])
+@pytest.mark.parametrize("key", ["vit", "resnet", "eva02"])
 def test_exported_stages_match_pytorch(key, tmp_path):
     from trt_exit.export.onnx_export import export_model
     from trt_exit.runtime.executor import Executor
