@@ -89,7 +89,8 @@ def main() -> None:
               f"timm {row['final_exit_vs_timm_chained_onnx']:.2e}")
         print(f"  {'stage':<10} {'median ms':>10} {'parity':>10}")
         for stage, ms in row["stage_latency_ms"].items():
-            print(f"  {stage:<10} {ms:10.3f} {row['parity_max_abs_diff_per_stage'].get(stage, 0):10.2e}")
+            diff = row["parity_max_abs_diff_per_stage"].get(stage, 0)
+            print(f"  {stage:<10} {ms:10.3f} {diff:10.2e}")
         print(f"  {'sum':<10} {sum(row['stage_latency_ms'].values()):10.3f}")
         print(f"  {'full graph':<10} {row['full_graph_latency_ms']:10.3f}")
     if args.out:

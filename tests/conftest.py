@@ -100,7 +100,7 @@ class ImageFolderWriter:
         return path
 
     def write_class_folders(self, root: Path, per_class: int = 10, seed: int = 0) -> Path:
-        """``root/<class>/<i>.png|jpg``: three colour classes, mixed sizes, some grayscale / RGBA."""
+        """``root/<class>/<i>.png|jpg``: three colour classes, mixed sizes, grayscale / RGBA."""
         rng = np.random.default_rng(seed)
         for c, color in enumerate(self.COLORS):
             for i in range(per_class):

@@ -80,10 +80,12 @@ def test_own_model_and_images_end_to_end(backbone, tmp_path, images, capsys):
     root = images.write_class_folders(tmp_path / "data", per_class=12)
     if backbone == "vit":
         source, weights = _weights_file(tmp_path, "vit_tiny_patch16_224", **VIT_KWARGS)
-        model_args = ["--timm", "vit_tiny_patch16_224", *VIT_ARGS, "--exits", "1:slvit,2:cnn_ignore"]
+        model_args = ["--timm", "vit_tiny_patch16_224", *VIT_ARGS,
+                      "--exits", "1:slvit,2:cnn_ignore"]
     else:
         source, weights = _weights_file(tmp_path, "resnet18", ".pth", num_classes=3)
-        model_args = ["--timm", "resnet18", "--timm-arg", "num_classes=3", "--input-size", "3,32,32",
+        model_args = ["--timm", "resnet18", "--timm-arg", "num_classes=3",
+                      "--input-size", "3,32,32",
                       "--exits", "2:slvit_cnn,4:cnn_ignore"]
     run = tmp_path / "run"
     assert _run("train", *model_args, "--checkpoint", weights, "--data", f"imagefolder://{root}",

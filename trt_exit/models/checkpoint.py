@@ -183,9 +183,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError (code in the file), EOFError, zip errors
+        first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise ArtifactError(f"{path} is not a plain PyTorch state dict loadable with "
-                            f"weights_only=True ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0][:200]}); convert it to .safetensors") from exc
+                            f"weights_only=True ({type(exc).__name__}: {first_line}); convert "
+                            f"it to .safetensors") from exc
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]

@@ -282,7 +282,7 @@ class TimmBackbone(nn.Module):
         training = self.model.training
         self.model.eval()
         try:
-            x = self.embed(torch.zeros(1, *self.input_size))
+            x = self.embed(torch.zeros(1, *self.input_size, device=_device_of(self.model)))
             shapes = [tuple(x.shape[1:])]
             for unit in self.blocks:
                 x = unit(x)
@@ -309,9 +309,9 @@ class TimmBackbone(nn.Module):
         """What an exit after ``after_block`` units reads (width, grid, prefix tokens)."""
         depth = len(self.blocks)
         if not 1 <= after_block <= depth:
+            units = "blocks" if self.feature_layout == TOKENS else "units (blocks in stage order)"
             raise ConfigError(f"exit position {after_block} is outside 1..{depth - 1}: "
-                              f"{type(self.model).__name__} has {depth} "
-                              f"{'blocks' if self.feature_layout == TOKENS else 'units (blocks in stage order)'}")
+                              f"{type(self.model).__name__} has {depth} {units}")
         return dict(self._geometry[after_block])
 
     def embed(self, image: torch.Tensor) -> torch.Tensor:
@@ -329,7 +329,7 @@ class TimmBackbone(nn.Module):
         training = self.model.training
         self.model.eval()
         try:
-            x = _fixed_input(self.input_size, batch=2)
+            x = _fixed_input(self.input_size, batch=2).to(_device_of(self.model))
             reference = self.model(x)
             y = self.embed(x)
             for unit in self.blocks:
@@ -343,6 +343,10 @@ class TimmBackbone(nn.Module):
                               f"output (max abs difference {diff:.3g}); this timm version's "
                               f"{self.family.name} models are not supported")
         return diff
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def _fixed_input(input_size: Sequence[int], batch: int) -> torch.Tensor:
@@ -473,6 +477,7 @@ def check_rebuild(model: nn.Module, create_args: dict[str, Any],
         rebuilt = timm.create_model(create_args["model_name"], pretrained=False,
                                     **create_args["kwargs"])
         rebuilt.load_state_dict(model.state_dict(), strict=True)
+        rebuilt.to(_device_of(model))
     except Exception as exc:  # timm raises TypeError/RuntimeError/KeyError on bad args or keys
         raise ConfigError(f"{create_args['model_name']} with {create_args['kwargs']} does not "
                           f"rebuild this model ({type(exc).__name__}: "
@@ -481,12 +486,13 @@ def check_rebuild(model: nn.Module, create_args: dict[str, Any],
     model.eval()
     rebuilt.eval()
     try:
-        x = _fixed_input(input_size, batch=2)
+        x = _fixed_input(input_size, batch=2).to(_device_of(model))
         reference = model(x)
         again = rebuilt(x)
     finally:
         model.train(training)
-    diff = float((reference - again).abs().max()) if reference.shape == again.shape else float("inf")
+    same_shape = reference.shape == again.shape
+    diff = float((reference - again).abs().max()) if same_shape else float("inf")
     if not diff <= REBUILD_RTOL * max(1.0, float(reference.abs().max())):
         raise ConfigError(f"{create_args['model_name']} rebuilt with {create_args['kwargs']} "
                           f"computes something else than this model (max abs difference "
@@ -536,7 +542,8 @@ def attach_exits(
     create_args = recorded_create_args(model)
     check_rebuild(model, create_args, backbone.input_size)
     types = [exit_type] * len(exit_blocks) if isinstance(exit_type, str) else list(exit_type)
-    options = exit_options if isinstance(exit_options, (list, tuple)) else [exit_options or {}] * len(exit_blocks)
+    options = (exit_options if isinstance(exit_options, (list, tuple))
+               else [exit_options or {}] * len(exit_blocks))
     if not len(types) == len(options) == len(exit_blocks):
         raise ConfigError("give one exit type and one options dict per exit (or one for all)")
     cfg = getattr(model, "pretrained_cfg", None) or {}

@@ -243,7 +243,8 @@ def _find_in_table(path: Path, seed: int, val_fraction: float, test_fraction: fl
         try:
             targets = np.array([float(v) for v in values], dtype=np.float32).reshape(-1, 1)
         except ValueError as exc:
-            raise ConfigError(f"{path}: the {value_key!r} column must hold numbers ({exc})") from exc
+            raise ConfigError(f"{path}: the {value_key!r} column must hold numbers "
+                              f"({exc})") from exc
         task = "regression"
     split_array = np.array(splits)
     lists = {s: ImageList([paths[i] for i in np.flatnonzero(split_array == s)],
