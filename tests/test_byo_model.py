@@ -118,3 +118,23 @@ def test_own_model_and_images_end_to_end(backbone, tmp_path, images, capsys):
     assert np.abs(outputs[-1] - expected).max() <= 1e-4
     # and the exits learned the colours (chance is 1/3)
     assert max(e["accuracy"] for e in report["exits"][:-1]) >= 0.6, report["exits"]
+
+
+def test_counts_from_a_csv_train_as_regression_with_predicted_error(tmp_path, images):
+    """A user's own crowd images: path,count rows; exits predict the count and its error."""
+    rng = np.random.default_rng(0)
+    rows = ["path,count"]
+    for i in range(24):
+        images.write_image(tmp_path / "img" / f"{i}.png", images.COLORS[i % 3], rng)
+        rows.append(f"img/{i}.png,{i % 7}")
+    (tmp_path / "counts.csv").write_text("\n".join(rows) + "\n")
+    run = tmp_path / "run"
+    assert _run("train", "--timm", "test_resnet", "--input-size", "3,32,32", "--data",
+                f"imagefolder://{tmp_path / 'counts.csv'}", "--exits", "1:cnn_ignore",
+                "--regime", "end_to_end", "--epochs", 2, "--batch-size", 8, "--workers", 0,
+                "--no-progress", "--out", run) == 0
+    assert _run("export", "--out", run) == 0
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["model"]["task"] == "regression"
+    assert manifest["model"]["num_outputs"] == 2 and manifest["model"]["value_columns"] == 1
+    assert {e["confidence"] for e in manifest["exits"]} == {"predicted_error"}

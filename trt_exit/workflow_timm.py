@@ -134,7 +134,9 @@ def _train_into(partial: Path, out: Path, root: Path, timm_name: str, exits: lis
     info = splits["train"].info
     task = splits["train"].task
     classes = info.get("class_names")
-    outputs = len(classes) if task == "classification" else 1
+    # Regression (counts): the value and log b, the head's expected error, whose confidence
+    # 1 / (1 + b) the exits use (trt_exit.models.confidence.PREDICTED_ERROR).
+    outputs = len(classes) if task == "classification" else 2
     new_head = checkpoint is None
     if model.num_classes != outputs:
         model.reset_classifier(outputs)
@@ -142,6 +144,7 @@ def _train_into(partial: Path, out: Path, root: Path, timm_name: str, exits: lis
         new_head = True
     net = attach_exits(model, [e.after_block for e in exits], [e.type for e in exits],
                        [dict(e.options) for e in exits], task=task,
+                       confidence="max_softmax" if task == "classification" else "predicted_error",
                        input_size=config["input_size"],
                        name=f"{timm_name.split('.')[0]}_exits")
     net.config.class_names = classes

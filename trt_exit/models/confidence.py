@@ -31,6 +31,17 @@ def register_regression_measure(name: str, fn) -> None:
     _REGRESSION_FUNCTIONS[name] = fn
 
 
+#: Regression: ``1 / (1 + b) = sigmoid(-log_b)`` of a head whose last output column is ``log b``,
+#: the log of its own expected absolute error (a Laplace scale), in [0, 1]. Heads trained with it
+#: learn ``log b`` with the Laplace likelihood (see ExitHead.loss and the AV exits).
+PREDICTED_ERROR = "predicted_error"
+
+
+def predicted_error_confidence(output: torch.Tensor) -> torch.Tensor:
+    """``sigmoid(-log_b)`` of the last output column: 1 / (1 + predicted error), (B,)."""
+    return torch.sigmoid(-output[:, -1])
+
+
 def check(measure: str, task: str) -> str:
     """Returns ``measure`` if it applies to ``task``, else raises :class:`ConfigError`."""
     allowed = CLASSIFICATION_MEASURES if task == "classification" else tuple(REGRESSION_MEASURES)
@@ -55,3 +66,6 @@ def compute(measure: str, output: torch.Tensor) -> torch.Tensor:
     if measure in _REGRESSION_FUNCTIONS:
         return _REGRESSION_FUNCTIONS[measure](output)
     raise ConfigError(f"unknown confidence measure {measure!r}")
+
+
+register_regression_measure(PREDICTED_ERROR, predicted_error_confidence)

@@ -44,25 +44,25 @@ from torch import nn
 from trt_exit.errors import ConfigError
 from trt_exit.models import confidence as confidence_measures
 from trt_exit.models.audio_layers import AudioPatchEmbed
-from trt_exit.models.exits.base import CLASSIFICATION, ExitContext, ExitHead, register_exit
+from trt_exit.models.exits.base import (
+    CLASSIFICATION,
+    LOG_SCALE_RANGE,
+    ExitContext,
+    ExitHead,
+    register_exit,
+)
 from trt_exit.models.exits.layout import TOKENS, require_layout
 from trt_exit.models.vit import Block
 
 MODALITIES = ("audio", "visual", "audiovisual")
 
-#: Regression confidence of AV exits: 1 / (1 + predicted absolute error), in [0, 1].
-PREDICTED_ERROR = "predicted_error"
+#: Regression confidence of AV exits: 1 / (1 + predicted absolute error), in [0, 1] (defined
+#: with the other measures; kept importable from here).
+PREDICTED_ERROR = confidence_measures.PREDICTED_ERROR
+predicted_error_confidence = confidence_measures.predicted_error_confidence
 
 #: log b is clamped to this range in the loss, so one wild sample cannot blow it up.
-_LOG_SCALE_RANGE = (-7.0, 7.0)
-
-
-def predicted_error_confidence(output: torch.Tensor) -> torch.Tensor:
-    """``sigmoid(-log_b)`` of the last output column: 1 / (1 + predicted error), (B,)."""
-    return torch.sigmoid(-output[:, -1])
-
-
-confidence_measures.register_regression_measure(PREDICTED_ERROR, predicted_error_confidence)
+_LOG_SCALE_RANGE = LOG_SCALE_RANGE
 
 
 @register_exit("av_slvit")

@@ -21,6 +21,10 @@ from torch import nn
 from trt_exit.errors import ConfigError
 from trt_exit.models import confidence as confidence_measures
 
+#: ``log b`` of heads that predict their own error is clamped to this range in the loss, so one
+#: wild sample cannot blow it up.
+LOG_SCALE_RANGE = (-7.0, 7.0)
+
 CLASSIFICATION = "classification"
 REGRESSION = "regression"
 TASKS = (CLASSIFICATION, REGRESSION)
@@ -102,20 +106,36 @@ class ExitHead(nn.Module):
         """Per-sample confidence in [0, 1], (B,), from this head's output (B, num_outputs)."""
         return confidence_measures.compute(self.confidence_measure, output)
 
+    @property
+    def predicts_error(self) -> bool:
+        """Regression with the ``predicted_error`` confidence: the output's last column is
+        ``log b``, the head's expected absolute error (see :mod:`trt_exit.models.confidence`)."""
+        return (self.context.task != CLASSIFICATION
+                and self.confidence_measure == confidence_measures.PREDICTED_ERROR)
+
     def loss(self, output: torch.Tensor, target: torch.Tensor,
              label_smoothing: float = 0.0) -> torch.Tensor:
         """Training loss of this head: cross-entropy for classification (``target`` holds class
-        indices, or class probabilities for distillation), L1 on the first columns for
-        regression. Families whose output carries more (a predicted variance) override it."""
+        indices, or class probabilities for distillation), L1 on the value columns for
+        regression, plus, for heads that predict their error, the Laplace negative log
+        likelihood ``log b + |y - mu| / b`` of the last column with ``mu`` detached (predicting
+        the error never pulls the prediction). Families may override it."""
         if self.context.task == CLASSIFICATION:
             return F.cross_entropy(output, target, label_smoothing=label_smoothing)
-        target = target.reshape(target.shape[0], -1)
-        return F.l1_loss(output[:, : target.shape[1]], target)
+        target = target.reshape(target.shape[0], -1).to(output.dtype)  # (B, V)
+        if not self.predicts_error:
+            return F.l1_loss(output[:, : target.shape[1]], target)
+        if output.shape[1] < 2:
+            raise ConfigError("a head with the predicted_error confidence needs num_outputs >= 2 "
+                              "(values, then log b)")
+        error = (output[:, :-1][:, : target.shape[1]] - target).abs()  # (B, V)
+        log_b = output[:, -1:].clamp(*LOG_SCALE_RANGE)  # (B, 1)
+        return error.mean() + (log_b + error.detach() / log_b.exp()).mean()
 
     def prediction(self, output: torch.Tensor) -> torch.Tensor:
         """The task's prediction from this head's output: the output itself, except for heads
         whose output carries extra columns (which keep only the value columns)."""
-        return output
+        return output[:, :-1] if self.predicts_error else output
 
     def options(self) -> dict:
         """Constructor options that recreate this head (stored in checkpoints and manifests)."""
