@@ -138,3 +138,36 @@ def test_counts_from_a_csv_train_as_regression_with_predicted_error(tmp_path, im
     assert manifest["model"]["task"] == "regression"
     assert manifest["model"]["num_outputs"] == 2 and manifest["model"]["value_columns"] == 1
     assert {e["confidence"] for e in manifest["exits"]} == {"predicted_error"}
+
+
+def test_an_interrupted_run_resumes_after_its_last_epoch(tmp_path, images, monkeypatch, capsys):
+    import trt_exit.training.trainer as trainer
+    from trt_exit.errors import TrtExitError
+    from trt_exit.models.checkpoint import read_metadata
+
+    root = images.write_class_folders(tmp_path / "data", per_class=4)
+    run = tmp_path / "run"
+    args = ["train", "--timm", "test_resnet", "--input-size", "3,32,32", "--data",
+            f"imagefolder://{root}", "--exits", "1:cnn_ignore", "--regime", "end_to_end",
+            "--epochs", 3, "--batch-size", 8, "--workers", 0, "--no-progress", "--out", run]
+    evaluate, calls = trainer.evaluate, []
+
+    def fails_in_the_second_epoch(*a, **k):
+        calls.append(1)
+        if calls == [1, 1]:
+            raise TrtExitError("interrupted")
+        return evaluate(*a, **k)
+
+    monkeypatch.setattr(trainer, "evaluate", fails_in_the_second_epoch)
+    assert _run(*args) == 2
+    partial = tmp_path / "run.partial"
+    assert not run.exists() and (partial / "resume.pt").is_file()
+    assert _run(*args) == 2 and "continue it with --resume" in capsys.readouterr().err
+    calls.clear()
+    calls.append("skip the failure")
+    assert _run(*args, "--resume") == 0
+    # validated after epochs 1 and 2 only (not 0 again), then once more for the checkpoint
+    assert len(calls) - 1 == 3
+    assert not partial.exists()
+    phase = read_metadata(run / "checkpoint.safetensors")["extra"]["history"]["train"]["phases"][0]
+    assert len(phase["loss"]) == len(phase["val"]) == 3  # epoch 0 before, 1 and 2 after resuming
