@@ -47,6 +47,8 @@ def _run(*argv):
     ("weights", ["--timm", "resnet18", "--input-size", "3,32,32", "--exits", "2:cnn_ignore",
                  "--checkpoint", "WEIGHTS"], "does not fit ResNet"),
     ("data", ["--timm", "resnet18", "--data", "imagefolder:///nonexistent/dir"], "does not exist"),
+    ("size", ["--timm", "vit_tiny_patch16_224", *VIT_ARGS, "--input-size", "3,64,64"],
+     "does not run on a (3, 64, 64) input"),
 ])
 def test_bad_input_is_one_line_and_leaves_nothing(case, args, message, tmp_path, images, capsys):
     root = images.write_class_folders(tmp_path / "data", per_class=4)

@@ -287,9 +287,10 @@ class TimmBackbone(nn.Module):
             for unit in self.blocks:
                 x = unit(x)
                 shapes.append(tuple(x.shape[1:]))
-        except RuntimeError as exc:
+        except (RuntimeError, AssertionError, ValueError) as exc:  # timm asserts input sizes
             raise ConfigError(f"{type(self.model).__name__} does not run on a "
-                              f"{tuple(self.input_size)} input ({exc})") from exc
+                              f"{tuple(self.input_size)} input ({str(exc)[:200]}); give the size "
+                              f"it was created for") from exc
         finally:
             self.model.train(training)
         if self.feature_layout == MAP:
