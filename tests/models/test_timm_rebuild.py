@@ -148,3 +148,26 @@ def test_old_checkpoints_without_a_reference_still_load(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(torch.from_numpy(x))[-1],
                                    model.eval()(torch.from_numpy(x))[-1], rtol=0, atol=0)
+
+
+def test_checkpoints_of_the_old_adapter_layout_still_load(tmp_path):
+    """Before this adapter, a timm ViT's block weights were stored as backbone.blocks.*."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = attach_exits(create_timm_model("vit_tiny_patch16_224", **TINY), [1], "slvit").eval()
+    path = save_checkpoint(model, tmp_path / "m.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {k.replace("backbone.model.blocks.", "backbone.blocks."): handle.get_tensor(k)
+                   for k in handle.keys()}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=metadata)
+    again = load_checkpoint(tmp_path / "old.safetensors")  # checked against the reference too
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x)[-1], model(x)[-1], rtol=0, atol=0)
+    del tensors["backbone.blocks.0.attn.qkv.weight"]
+    save_file(tensors, str(tmp_path / "broken.safetensors"), metadata=metadata)
+    with pytest.raises(ArtifactError, match="weights do not fit the stored config") as error:
+        load_checkpoint(tmp_path / "broken.safetensors")
+    assert "\n" not in str(error.value)

@@ -143,9 +143,12 @@ def load_checkpoint(path: str | os.PathLike) -> MultiExitModel:
     metadata = read_metadata(path)
     model = build_model(ModelConfig.from_dict(metadata["config"]))
     try:
-        missing, unexpected = load_model(model, str(path), strict=True)
-    except Exception as exc:
-        raise ArtifactError(f"{path}: weights do not fit the stored config ({exc})") from exc
+        load_model(model, str(path), strict=True)
+    except Exception as exc:  # safetensors raises RuntimeError listing every key
+        if not _load_old_timm_layout(model, path):
+            summary = " ".join(str(exc).split())
+            raise ArtifactError(f"{path}: weights do not fit the stored config "
+                                f"({summary[:300]}{'...' if len(summary) > 300 else ''})") from exc
     reference = metadata["reference"]
     if reference is not None:
         diffs = compare_with_reference(reference_outputs(model), reference)
@@ -159,6 +162,27 @@ def load_checkpoint(path: str | os.PathLike) -> MultiExitModel:
                 f"version? saved with torch {reference.get('torch')})")
         model.trained_reference = reference
     return model.eval()
+
+
+def _load_old_timm_layout(model: MultiExitModel, path: str | os.PathLike) -> bool:
+    """Checkpoints of timm ViTs written before the adapter kept its blocks only under
+    ``backbone.model``: their block weights are stored as ``backbone.blocks.*``. Loads such a
+    file (renaming those keys) and returns True; False for anything else."""
+    from safetensors.torch import load_file
+
+    if model.config.backbone != "timm":
+        return False
+    state = load_file(str(path))
+    old = "backbone.blocks."
+    if not any(key.startswith(old) for key in state):
+        return False
+    state = {("backbone.model.blocks." + k[len(old):] if k.startswith(old) else k): v
+             for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- pretrained weights
