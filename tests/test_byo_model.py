@@ -142,7 +142,15 @@ def test_counts_from_a_csv_train_as_regression_with_predicted_error(tmp_path, im
     assert {e["confidence"] for e in manifest["exits"]} == {"predicted_error"}
 
 
-def test_an_interrupted_run_resumes_after_its_last_epoch(tmp_path, images, monkeypatch, capsys):
+@pytest.mark.parametrize("regime, extra, fail_at, after", [
+    # end_to_end, 3 epochs: stops while validating epoch 1; then epochs 1, 2 and the checkpoint
+    ("end_to_end", ["--epochs", 3], 2, 3),
+    # copycat: backbone epoch 0, imitation 0 | imitation 1 (stops), then imitation 1, fine-tuning
+    # 0 and 1, and the checkpoint
+    ("copycat", ["--epochs", 2, "--backbone-epochs", 1], 3, 4),
+])
+def test_an_interrupted_run_resumes_after_its_last_epoch(regime, extra, fail_at, after, tmp_path,
+                                                         images, monkeypatch, capsys):
     import trt_exit.training.trainer as trainer
     from trt_exit.errors import TrtExitError
     from trt_exit.models.checkpoint import read_metadata
@@ -150,13 +158,13 @@ def test_an_interrupted_run_resumes_after_its_last_epoch(tmp_path, images, monke
     root = images.write_class_folders(tmp_path / "data", per_class=4)
     run = tmp_path / "run"
     args = ["train", "--timm", "test_resnet", "--input-size", "3,32,32", "--data",
-            f"imagefolder://{root}", "--exits", "1:cnn_ignore", "--regime", "end_to_end",
-            "--epochs", 3, "--batch-size", 8, "--workers", 0, "--no-progress", "--out", run]
+            f"imagefolder://{root}", "--exits", "1:cnn_ignore", "--regime", regime, *extra,
+            "--batch-size", 8, "--workers", 0, "--no-progress", "--out", run]
     evaluate, calls = trainer.evaluate, []
 
     def fails_in_the_second_epoch(*a, **k):
         calls.append(1)
-        if calls == [1, 1]:
+        if calls == [1] * fail_at:
             raise TrtExitError("interrupted")
         return evaluate(*a, **k)
 
@@ -168,8 +176,12 @@ def test_an_interrupted_run_resumes_after_its_last_epoch(tmp_path, images, monke
     calls.clear()
     calls.append("skip the failure")
     assert _run(*args, "--resume") == 0
-    # validated after epochs 1 and 2 only (not 0 again), then once more for the checkpoint
-    assert len(calls) - 1 == 3
+    assert len(calls) - 1 == after  # validations after resuming: no finished epoch ran again
     assert not partial.exists()
-    phase = read_metadata(run / "checkpoint.safetensors")["extra"]["history"]["train"]["phases"][0]
-    assert len(phase["loss"]) == len(phase["val"]) == 3  # epoch 0 before, 1 and 2 after resuming
+    history = read_metadata(run / "checkpoint.safetensors")["extra"]["history"]
+    if regime == "end_to_end":
+        phase = history["train"]["phases"][0]
+        assert len(phase["loss"]) == len(phase["val"]) == 3  # epoch 0 before, 1 and 2 after
+    else:
+        imitation = history["copycat"]["imitation"]["phases"][0]
+        assert len(imitation["loss"]) == 2 and "backbone" not in history

@@ -170,13 +170,16 @@ def _train_into(partial: Path, out: Path, root: Path, timm_name: str, exits: lis
                   resume_from=state_path if resume else None)
     history: dict[str, Any] = {}
     if regime == COPYCAT:
-        if backbone_epochs:
+        resumed_phase = str(state["phase"]) if resume else ""
+        in_copycat = resumed_phase.startswith(("imitation:", "finetune:"))
+        if backbone_epochs and not in_copycat:
             history["backbone"] = train_model(net, splits["train"], dataclasses.replace(
                 train, regime=CLASSIFIER_WISE, epochs=0), **common).to_dict()
         phase = dataclasses.replace(train, regime=CLASSIFIER_WISE, backbone_epochs=0)
-        history["copycat"] = copycat_train(net, splits["train"],
-                                           CopycatConfig(imitation=phase, finetune=phase),
-                                           splits["val"], progress=progress)
+        history["copycat"] = copycat_train(
+            net, splits["train"], CopycatConfig(imitation=phase, finetune=phase), splits["val"],
+            progress=progress, epoch_callback=save_epoch,
+            resume_from=state_path if in_copycat else None)
     else:
         history["train"] = train_model(net, splits["train"],
                                        dataclasses.replace(train, regime=regime),

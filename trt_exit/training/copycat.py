@@ -113,6 +113,8 @@ def copycat_train(
     val_set: Dataset | None = None,
     imitation_set: Dataset | None = None,
     progress: bool = True,
+    epoch_callback=None,
+    resume_from: str | None = None,
 ) -> dict[str, Any]:
     """Trains ``model``'s early exits CopycatSL-ViT style, in place.
 
@@ -123,18 +125,43 @@ def copycat_train(
         val_set: If given, per-exit validation metrics after every epoch of both phases.
         imitation_set: Data for the imitation phase; its labels are not used.
         progress: Show progress bars.
+        epoch_callback: As for :func:`~trt_exit.training.trainer.train`; phases are reported as
+            ``imitation:<phase>`` and ``finetune:<phase>``.
+        resume_from: A state saved through ``epoch_callback``: its stage continues after its
+            epoch (imitation is skipped when the state is from fine-tuning). The model's weights
+            must already be loaded from it.
 
     Returns:
         ``{"imitation": history dict, "finetune": history dict or None}``.
     """
     config = config or CopycatConfig()
     config.validate()
-    imitation = train(model, imitation_set or train_set, config.imitation, val_set, progress,
-                      targets_fn=final_head_targets(config.soft, config.temperature))
+    resume = None
+    if resume_from is not None:
+        resume = torch.load(resume_from, map_location="cpu", weights_only=True)
+        stage, _, phase = str(resume.get("phase")).partition(":")
+        if stage not in ("imitation", "finetune"):
+            raise ConfigError(f"{resume_from} is not a CopycatSL-ViT training state")
+        resume = {**resume, "phase": phase, "stage": stage}
+
+    def tagged(stage: str):
+        if epoch_callback is None:
+            return None
+        return lambda phase, epoch, state: epoch_callback(f"{stage}:{phase}", epoch, state)
+
+    def resumed(stage: str):
+        return resume if resume is not None and resume["stage"] == stage else None
+
+    imitation = None
+    if resume is None or resume["stage"] == "imitation":
+        imitation = train(model, imitation_set or train_set, config.imitation, val_set, progress,
+                          targets_fn=final_head_targets(config.soft, config.temperature),
+                          epoch_callback=tagged("imitation"), resume_from=resumed("imitation"))
     finetune = None
     if config.finetune.epochs:
-        finetune = train(model, train_set, config.finetune, val_set, progress)
-    return {"imitation": imitation.to_dict(),
+        finetune = train(model, train_set, config.finetune, val_set, progress,
+                         epoch_callback=tagged("finetune"), resume_from=resumed("finetune"))
+    return {"imitation": imitation.to_dict() if imitation is not None else None,  # resumed after
             "finetune": finetune.to_dict() if finetune is not None else None,
             "config": {"imitation": dataclasses.asdict(config.imitation),
                        "finetune": dataclasses.asdict(config.finetune),

@@ -301,7 +301,7 @@ def train(
     progress: bool = True,
     targets_fn: TargetsFn | None = None,
     epoch_callback: EpochCallback | None = None,
-    resume_from: str | None = None,
+    resume_from: str | dict[str, Any] | None = None,
 ) -> TrainHistory:
     """Trains ``model`` in place under ``config.regime``.
 
@@ -313,7 +313,8 @@ def train(
         progress: Show tqdm progress bars.
         targets_fn: Replaces the dataset targets per exit (CopycatSL-ViT's imitation phase).
         epoch_callback: Called after every epoch with the state to resume from.
-        resume_from: A file ``epoch_callback``'s state was saved to (``torch.save``): its
+        resume_from: A file ``epoch_callback``'s state was saved to (``torch.save``), or that
+            state itself: its
             phase continues after its epoch, earlier phases are skipped. The model's weights
             must already be loaded from it.
 
@@ -340,7 +341,8 @@ def train(
         phases.append(("exits", config.epochs, False, [1.0] * (n - 1) + [0.0], targets_fn))
     resume = None
     if resume_from is not None:
-        resume = torch.load(resume_from, map_location="cpu", weights_only=True)
+        resume = (resume_from if isinstance(resume_from, dict) else
+                  torch.load(resume_from, map_location="cpu", weights_only=True))
         names = [p[0] for p in phases]
         if resume.get("phase") not in names:
             raise ConfigError(f"{resume_from} resumes phase {resume.get('phase')!r}, which this "
