@@ -79,7 +79,7 @@ def test_an_existing_run_is_never_overwritten(tmp_path, images, capsys):
 @pytest.mark.parametrize("backbone", ["vit", "cnn"])
 def test_own_model_and_images_end_to_end(backbone, tmp_path, images, capsys):
     """train (classifier-wise, weights from a file) -> export -> tune -> calibrate -> eval."""
-    root = images.write_class_folders(tmp_path / "data", per_class=12)
+    root = images.write_class_folders(tmp_path / "data", per_class=20)  # 36 / 12 / 12
     if backbone == "vit":
         source, weights = _weights_file(tmp_path, "vit_tiny_patch16_224", **VIT_KWARGS)
         model_args = ["--timm", "vit_tiny_patch16_224", *VIT_ARGS,
@@ -95,6 +95,7 @@ def test_own_model_and_images_end_to_end(backbone, tmp_path, images, capsys):
                 "--workers", 1, "--no-progress", "--out", run) == 0
     assert not (tmp_path / "run.partial").exists()
     for argv in (["export", "--out", run], ["tune", run, "--repeats", 5],
+                 ["calibrate", run, "--size", 32],  # from the run's own (streamed) train split
                  ["calibrate", run, "--from", f"imagefolder://{root}", "--size", 32],
                  ["eval", run, "--passes", 1, "--out", tmp_path / "report.json"]):
         assert _run(*argv) == 0, argv
@@ -104,7 +105,7 @@ def test_own_model_and_images_end_to_end(backbone, tmp_path, images, capsys):
     assert manifest["parity"]["fp32"]["max_output_diff"] <= 1e-4
     assert manifest["parity"]["fp32"]["trained_model"]["ok"]
     assert manifest["calibration"]["origin"]["kind"] == "imagefolder"
-    assert report["samples"] == 6 and len(report["exits"]) == 3
+    assert report["samples"] == 12 and len(report["exits"]) == 3
     # classifier-wise keeps the pretrained backbone and head: the final exit is the timm model
     # from the weights file, on the test images as the run preprocessed them
     from trt_exit.runtime.executor import Executor
