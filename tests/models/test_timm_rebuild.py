@@ -171,3 +171,16 @@ def test_checkpoints_of_the_old_adapter_layout_still_load(tmp_path):
     with pytest.raises(ArtifactError, match="weights do not fit the stored config") as error:
         load_checkpoint(tmp_path / "broken.safetensors")
     assert "\n" not in str(error.value)
+
+
+def test_training_a_loaded_checkpoint_drops_its_saved_outputs(tmp_path, digits):
+    """A loaded model trained further is no longer the saved one: export must not compare
+    against the stale outputs."""
+    from trt_exit.models import create_model
+    from trt_exit.training.trainer import TrainConfig, train
+
+    model = create_model("multi_exit_vit_tiny_test")
+    again = load_checkpoint(save_checkpoint(model, tmp_path / "m.safetensors"))
+    assert again.trained_reference is not None
+    train(again, digits["train"].subset(np.arange(32)), TrainConfig(epochs=1), progress=False)
+    assert not hasattr(again, "trained_reference")

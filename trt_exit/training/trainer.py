@@ -327,6 +327,8 @@ def train(
         raise ConfigError(f"dataset {train_set.name} is {train_set.task}, the model is {model.task}")
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
+    # Outputs saved with a loaded checkpoint describe the weights before this training.
+    model.__dict__.pop("trained_reference", None)
     seed_everything(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     history = TrainHistory()
