@@ -13,9 +13,9 @@ segments as they are (NCHW, what a TensorRT convolution engine wants), under the
 ``tokens_k`` tensor names.
 
 Our choice: one width and one resolution throughout (the stem may downsample once with
-``stem_stride``), because one :class:`~trt_exit.models.exits.ExitContext` describes every exit
-position of a model. A CNN whose stages change width and resolution would need a per-position
-context in :func:`trt_exit.models.multi_exit.build_exits`.
+``stem_stride``). Backbones whose stages change width and resolution give every exit position
+its own :class:`~trt_exit.models.exits.ExitContext` with ``exit_geometry(after_block)`` (see
+the timm adapter).
 """
 
 from __future__ import annotations
