@@ -64,7 +64,7 @@ def test_cnn_exits_see_the_width_and_grid_of_their_stage():
     assert model.backbone.feature_layout == "map"
 
 
-@pytest.mark.parametrize("key", ["vit", "resnet", "eva02"])
+@pytest.mark.parametrize("key", ["vit", "resnet", "eva02", "convnext"])  # convnext: BoF state
 def test_exported_stages_match_pytorch(key, tmp_path):
     from trt_exit.export.onnx_export import export_model
     from trt_exit.runtime.executor import Executor
