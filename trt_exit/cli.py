@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "trt_exit.commands.pipelines",
     "trt_exit.commands.profile",
     "trt_exit.commands.experiment",
+    "trt_exit.commands.serving",
 ]
 
 EXIT_ERROR = 2

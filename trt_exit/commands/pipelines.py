@@ -33,10 +33,12 @@ def add_backend_options(parser: argparse.ArgumentParser) -> None:
                        help="onnxruntime: intra-op threads per stage (default 1)")
 
 
-def open_executor(manifest, backend: str, precision: str, policy=None, threads: int = 1):
+def open_executor(manifest, backend: str, precision: str, policy=None, threads: int = 1,
+                  max_batch: int | None = None):
     """An executor for ``manifest``: the CUDA executor for GPU backends when it is available,
     else the host :class:`~trt_exit.runtime.executor.Executor`. Both have
-    ``run(inputs, policy) -> ExitResults`` and are context managers."""
+    ``run(inputs, policy) -> ExitResults`` and are context managers. ``max_batch``: the largest
+    batch the CUDA executor allocates for (its default when None)."""
     from trt_exit.runtime.executor import Executor
 
     if backend in ("torch", "tensorrt"):
@@ -49,8 +51,9 @@ def open_executor(manifest, backend: str, precision: str, policy=None, threads: 
             from trt_exit.errors import CudaUnavailableError
 
             try:
+                sized = {"max_batch": max_batch} if max_batch is not None else {}
                 return cuda_executor(manifest, backend=backend, precision=precision,
-                                     policy=policy)
+                                     policy=policy, **sized)
             except CudaUnavailableError as exc:
                 reason = str(exc).split(". ")[0]
                 raise CudaUnavailableError(
@@ -138,7 +141,7 @@ def _count(args: argparse.Namespace) -> int:
             signal.signal(signum, on_stop_signal)
     status = None if args.no_status else StatusLine(sys.stderr)
     try:
-        with open_executor(manifest, args.backend, args.precision, policy, args.threads) as executor:
+        with _count_executor(args, manifest, policy) as executor:
             app = CrowdCounter(manifest, executor, video, audio, sinks, config, policy=policy,
                                status=status, stop_event=stop)
             with app:
@@ -156,6 +159,18 @@ def _count(args: argparse.Namespace) -> int:
     print(summary.format())
     _write_summary(args.summary, summary)
     return 0
+
+
+def _count_executor(args: argparse.Namespace, manifest, policy):
+    """The in-process executor, or with ``--server`` one that sends frames to a server."""
+    if not args.server:
+        return open_executor(manifest, args.backend, args.precision, policy, args.threads)
+    if policy is not None:
+        raise ConfigError("--budget-ms and --server: the served model's exit policy is the "
+                          "server's (start trt-exit serve with --policy deadline:MS)")
+    from trt_exit.serving.client import RemoteExecutor
+
+    return RemoteExecutor(args.server, manifest)
 
 
 def _write_summary(path: str | None, summary) -> None:
@@ -195,6 +210,10 @@ def register(subparsers) -> None:
                    help="model directory with manifest.json (ONNX graphs for onnxruntime, "
                         "engines for tensorrt)")
     add_backend_options(p)
+    p.add_argument("--server", metavar="URL",
+                   help="run the model on a Triton server (trt-exit serve) instead of here: "
+                        "grpc://HOST:8001 or http://HOST:8000 (optionally /MODEL_NAME); "
+                        "--engines still gives the manifest (preprocessing)")
     p.add_argument("--budget-ms", type=float,
                    help="deadline mode: stop at the last exit that fits this budget per frame "
                         "(uses the manifest's latency profile)")
