@@ -54,7 +54,8 @@ class TritonPythonModel:
             self.executor = open_executor(self.manifest, backend, precision, policy,
                                           int(params.get("threads", 1)), max_batch=max_batch)
         self.input_names = [io.name for io in served_inputs(self.manifest)]
-        family = pb_utils.MetricFamily(
+        # The family must outlive its metrics (Triton refuses to update orphaned metrics).
+        self.exit_family = family = pb_utils.MetricFamily(
             name=EXIT_METRIC, description="samples answered at each exit of a trt_exit model",
             kind=pb_utils.MetricFamily.COUNTER)
         self.exit_counters = [family.Metric(labels={"model": args["model_name"], "exit": str(k)})
@@ -78,4 +79,6 @@ class TritonPythonModel:
         return responses
 
     def finalize(self) -> None:
+        self.exit_counters = []  # before their family
+        self.exit_family = None
         self.executor.close()

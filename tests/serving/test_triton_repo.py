@@ -1,0 +1,110 @@
+"""trt-exit triton-repo: the repository's files, and a stock tritonserver (the binary bundled with
+nvidia-pytriton) serving it on 127.0.0.1."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+
+import numpy as np
+import pytest
+
+from trt_exit.cli import main
+from trt_exit.manifest import Manifest
+from trt_exit.runtime.executor import Executor
+
+MODEL = "multi_exit_vit_tiny_test"
+
+
+def test_repository_layout_and_config(tiny_tuned, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    assert main(["triton-repo", str(tiny_tuned), "--out", str(repo), "--max-batch", "8",
+                 "--max-queue-delay-us", "500", "--policy", "fixed:1"]) == 0
+    assert "tritonserver --model-repository=" in capsys.readouterr().out
+    config = (repo / MODEL / "config.pbtxt").read_text()
+    assert 'backend: "python"' in config and "max_batch_size: 8" in config
+    assert re.search(r'name: "image"\s+data_type: TYPE_FP32\s+dims: \[ 1, 8, 8 \]', config)
+    assert re.search(r'name: "prediction"\s+data_type: TYPE_INT64\s+dims: \[ 1 \]', config)
+    assert "max_queue_delay_microseconds: 500" in config and "kind: KIND_CPU" in config
+    assert 'value: { string_value: "fixed:1" }' in config
+    assert "trt_exit.serving.triton_model" in (repo / MODEL / "1" / "model.py").read_text()
+    assert "tritonserver --model-repository" in (repo / "README.md").read_text()
+    copied = Manifest.load(repo / MODEL / "1" / "model", verify=True)
+    assert [s.name for s in copied.stages] == [s.name for s in Manifest.load(tiny_tuned).stages]
+
+
+def test_reference_mode_points_at_the_model_and_gpu_backends_get_gpu_instances(tiny_tuned,
+                                                                                tmp_path):
+    repo = tmp_path / "repo"
+    assert main(["triton-repo", str(tiny_tuned), "--out", str(repo), "--reference",
+                 "--backend", "torch", "--model-name", "digits"]) == 0
+    config = (repo / "digits" / "config.pbtxt").read_text()
+    assert f'string_value: "{tiny_tuned.resolve()}"' in config and "KIND_GPU" in config
+    assert not (repo / "digits" / "1" / "model").exists()
+
+
+def test_refusals_leave_nothing_behind(tiny_tuned, tmp_path, fresh_copy, capsys):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    assert main(["triton-repo", str(tiny_tuned), "--out", str(repo)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["triton-repo", str(tiny_tuned), "--out", str(tmp_path / "r2"), "--backend",
+                 "tensorrt", "--instance-kind", "cpu"]) == 2
+    assert "--instance-kind gpu" in capsys.readouterr().err
+    damaged = fresh_copy(tiny_tuned)
+    onnx = damaged / Manifest.load(damaged).stages[1].onnx["fp32"].path
+    onnx.write_bytes(onnx.read_bytes()[:-10])
+    assert main(["triton-repo", str(damaged), "--out", str(tmp_path / "r3")]) == 2
+    assert "does not match" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "repo"]  # no partial repo
+
+
+@pytest.mark.serve
+def test_stock_tritonserver_serves_the_exported_repository(tiny_tuned, digits, tmp_path):
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    from trt_exit.serving.client import RemoteExecutor
+    from trt_exit.serving.process import ServerPorts, ServerProcess
+
+    repo = tmp_path / "repo"
+    assert main(["triton-repo", str(tiny_tuned), "--out", str(repo)]) == 0
+    images = digits["test"].inputs["image"][:40]
+    with Executor(tiny_tuned) as executor:
+        reference = executor.run(images)
+    ports = ServerPorts.free()
+    with ServerProcess.tritonserver(repo, ports, MODEL, tmp_path / "tritonserver.log",
+                                    tmp_path / "work") as server:
+        for url in (ports.grpc_url, ports.http_url):
+            with RemoteExecutor(url, tiny_tuned) as remote:
+                got = remote.run(images)
+            np.testing.assert_array_equal(got.exit_index, reference.exit_index)
+            np.testing.assert_allclose(got.output, reference.output, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got.confidence, reference.confidence, rtol=1e-6)
+        # A request with NaN gets its own error response; the server keeps serving.
+        bad = images[:2].copy()
+        bad[0, 0, 0, 0] = np.nan
+        for module, address in ((httpclient, f"127.0.0.1:{ports.http}"),
+                                (grpcclient, f"127.0.0.1:{ports.grpc}")):
+            client = module.InferenceServerClient(address)
+            tensor = module.InferInput("image", list(bad.shape), "FP32")
+            tensor.set_data_from_numpy(bad)
+            with pytest.raises(Exception, match="NaN or Inf"):
+                client.infer(MODEL, [tensor])
+            tensor = module.InferInput("image", [2, 1, 8, 8], "FP32")
+            tensor.set_data_from_numpy(images[:2])
+            reply = client.infer(MODEL, [tensor])
+            np.testing.assert_array_equal(reply.as_numpy("exit_index")[:, 0],
+                                          reference.exit_index[:2])
+            client.close()
+        metrics = urllib.request.urlopen(ports.metrics_url, timeout=10).read().decode()
+        assert server.process.poll() is None
+    counts = {int(k): float(v) for k, v in re.findall(
+        r'trt_exit_exit_samples_total\{exit="(\d+)",model="%s"\} (\S+)' % MODEL, metrics)}
+    expected = 2 * np.bincount(reference.exit_index, minlength=3) + 2 * np.bincount(
+        reference.exit_index[:2], minlength=3)
+    assert [counts.get(k, 0) for k in range(3)] == expected.tolist()
+    # Triton's own counter: every sample the model was given, the refused NaN requests too
+    # (2 x 40 + 2 x 2 answered + 2 x 2 refused); the exit counters count answered samples.
+    served = re.search(r'nv_inference_count\{model="%s",version="1"\} (\d+)' % MODEL, metrics)
+    assert served and int(served.group(1)) == 88, metrics
