@@ -189,7 +189,7 @@ class RemoteExecutor:
 
     def _refused(self, exc) -> Exception:
         message = _one_line(exc)
-        if "unexpected shape" in message or "unexpected datatype" in message or "expected" in message:
+        if "unexpected shape" in message or "data-type" in message or "NaN or Inf" in message:
             return InputError(f"server {self.url} refused the request: {message}")
         return ServingError(f"server {self.url}: {message}")
 
