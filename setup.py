@@ -44,6 +44,9 @@ setup(
         # TensorRT engines: cuda-python everywhere; the tensorrt wheel on x86 only (on a Jetson
         # TensorRT comes with JetPack, see docs/tensorrt.md).
         "tensorrt": ["cuda-python>=12.6", "tensorrt>=10.3; platform_machine == 'x86_64'"],
+        # Serving through NVIDIA Triton (trt-exit serve, triton-repo, count --server): PyTriton
+        # bundles tritonserver with the Python backend and brings tritonclient; it needs numpy<2.
+        "serve": ["nvidia-pytriton>=0.7", "numpy<2"],
     },
     entry_points={"console_scripts": ["trt-exit=trt_exit.cli:entrypoint"]},
     classifiers=[
