@@ -32,6 +32,7 @@ def av_server(av_model_dir, tmp_path_factory):
     process.start()
     yield process
     assert process.stop(signal.SIGINT, timeout_s=30) == 0  # Ctrl-C stops cleanly
+    assert process.leftovers == 0
 
 
 def _records(path) -> list[dict]:

@@ -170,6 +170,7 @@ def test_sigterm_stops_the_server_cleanly(server):
     started = time.monotonic()
     assert server.stop(signal.SIGTERM, timeout_s=30) == 0
     assert time.monotonic() - started < 20
+    assert server.leftovers == 0  # tritonserver and its Python-backend stub are gone too
     log = server.log.read_text()
     assert "stopping: answered" in log and "Traceback" not in log
     for port, option in ((server.ports.http, "--http-port"), (server.ports.grpc, "--grpc-port")):

@@ -78,6 +78,8 @@ class ServerProcess:
         self.log = Path(log)
         self.env = env
         self.process: subprocess.Popen | None = None
+        #: Processes of the server's group still running after it stopped (then killed).
+        self.leftovers = 0
 
     @classmethod
     def serve(cls, model_dir: str | os.PathLike, ports: ServerPorts, model_name: str,
@@ -86,7 +88,7 @@ class ServerProcess:
         command = [sys.executable, "-m", "trt_exit", "serve", str(model_dir),
                    "--address", ports.address, "--http-port", str(ports.http),
                    "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics),
-                   "--exit-timeout-s", "1", *options]
+                   "--exit-timeout-s", "3", *options]
         return cls(command, ports, model_name, log)
 
     @classmethod
@@ -155,18 +157,48 @@ class ServerProcess:
         """
         if self.process is None:
             return None
+        status = self.process.returncode
         if self.process.poll() is None:
             self.process.send_signal(signum)
             try:
-                return self.process.wait(timeout=timeout_s)
+                status = self.process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
-                return None
-        return self.process.returncode
+                status = None
+        self.leftovers = self._kill_group()
+        if status is None:
+            self.process.wait(timeout=10)
+        return status
+
+    def _kill_group(self) -> int:
+        """Kills what is left of the server's process group (a Python-backend stub that missed
+        the shutdown); returns how many processes that was."""
+        pgid = self.process.pid
+        members = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if os.getpgid(int(entry.name)) == pgid and int(entry.name) != os.getpid():
+                        members.append(int(entry.name))
+                except (ProcessLookupError, PermissionError):
+                    continue
+        alive = [pid for pid in members if _state(pid) not in ("Z", "X", "")]
+        if members:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return len(alive)
 
     def log_tail(self, lines: int = 15) -> str:
         try:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+def _state(pid: int) -> str:
+    """A process's state letter (``R``, ``S``, ``Z`` ...), or "" if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
