@@ -4,16 +4,19 @@ executor per client, on loopback, bounded in requests and time.
     python benchmarks/serve.py --digits runs/demo            # builds the tiny AV crowd model
     python benchmarks/serve.py --digits runs/demo --av DIR --clients 1 4 16 64
 
-For each model (the digits demo model, the AV crowd model) one ``trt-exit serve`` runs on
-127.0.0.1 (ONNX Runtime, one instance, one intra-op thread). For each client count N, N client
-threads each send batch-1 requests one after the other (gRPC, ``RemoteExecutor``) until the
-level's request budget or time limit is spent; then the same N threads each run their own
-in-process :class:`~trt_exit.runtime.executor.Executor` (one intra-op thread) on the same
-samples. The two modes alternate round by round (server, in-process, server, ...), so load from
-other jobs on the machine falls on both. Recorded per mode and level: throughput, p50/p99
-latency, exit histogram, errors, lost responses (sent but not answered), samples whose exit or
-output differ from a reference executor run, and for the server the batch sizes Triton formed
-(its statistics endpoint). Writes ``benchmarks/results/serve-cpu.json`` and prints a table.
+For each model (the digits demo model, the AV crowd model) two servers run on 127.0.0.1, both
+ONNX Runtime with one model instance and one intra-op thread: ``trt-exit serve`` (PyTriton)
+and the ``trt-exit triton-repo`` repository on the ``tritonserver`` bundled with PyTriton
+(Python backend, no PyTriton hop). For each client count N, N client threads each send batch-1
+requests one after the other (gRPC, ``RemoteExecutor``) until the round's request budget or
+time limit is spent; the third mode gives the same N threads each their own in-process
+:class:`~trt_exit.runtime.executor.Executor` (one intra-op thread) on the same samples. The
+modes alternate round by round, so load from other jobs on the machine falls on all of them.
+Recorded per mode and level: throughput, p50/p99 latency, exit histogram, errors, lost
+responses (sent but not answered), samples whose exit or output differ from a reference
+executor run, and for the servers the batch sizes Triton formed (its statistics endpoint).
+Writes ``benchmarks/results/serve-cpu.json`` and prints a table; exit status 1 on any error,
+lost response or mismatch.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent
+#: server: trt-exit serve (PyTriton); repo: trt-exit triton-repo on the tritonserver bundled with
+#: PyTriton (Python backend); in_process: one Executor per client thread.
+MODES = ("server", "repo", "in_process")
 
 
 def model_samples(name: str, manifest, count: int) -> dict[str, np.ndarray]:
@@ -154,67 +160,83 @@ def bench_model(name: str, model_dir: Path, args, log_dir: Path) -> dict:
     from trt_exit.runtime.executor import Executor
     from trt_exit.serving.client import RemoteExecutor
     from trt_exit.serving.process import ServerPorts, ServerProcess
+    from trt_exit.serving.repository import RepositoryConfig, write_repository
 
     manifest = Manifest.load(model_dir)
     samples = model_samples(name, manifest, args.samples)
     with Executor(manifest) as executor:
         reference = executor.run(samples)  # batched reference; every sample its own exit
-    ports = ServerPorts.free()
-    server = ServerProcess.serve(model_dir, ports, manifest.name, log_dir / f"serve-{name}.log",
-                                 "--max-batch", str(args.max_batch),
-                                 "--max-queue-delay-us", str(args.max_queue_delay_us))
+    repo = log_dir / f"repo-{name}"
+    write_repository(RepositoryConfig(model_dir, repo, max_batch=args.max_batch,
+                                      max_queue_delay_us=args.max_queue_delay_us))
+    servers = {
+        "server": ServerProcess.serve(model_dir, ServerPorts.free(), manifest.name,
+                                      log_dir / f"serve-{name}.log",
+                                      "--max-batch", str(args.max_batch),
+                                      "--max-queue-delay-us", str(args.max_queue_delay_us)),
+        "repo": ServerProcess.tritonserver(repo, ServerPorts.free(), manifest.name,
+                                           log_dir / f"tritonserver-{name}.log",
+                                           log_dir / "tritonserver"),
+    }
     executors: list = []
     levels = []
-    with server:
+    with servers["server"], servers["repo"]:
         for clients in args.clients:
             while len(executors) < clients:
                 executors.append(Executor(manifest, backend_options={"threads": 1}))
-            remotes = [RemoteExecutor(ports.grpc_url, manifest, timeout_s=30) for _ in range(clients)]
-            for _ in range(2):  # warm-up: server and executors
-                run_clients(lambda c: remotes[c], clients, samples, clients * 4, 30)
-                run_clients(lambda c: executors[c], clients, samples, clients * 4, 30)
-            rounds = {"server": [], "in_process": []}
-            stats_before = batch_stats(ports.http, manifest.name)
-            mismatches = {"server": 0, "in_process": 0}
-            for _ in range(args.rounds):  # interleaved: noise from other jobs hits both modes
-                for mode in ("server", "in_process"):
-                    make = (lambda c: remotes[c]) if mode == "server" else (lambda c: executors[c])
-                    result = run_clients(make, clients, samples, args.requests, args.time_limit_s)
+            runners = {mode: [RemoteExecutor(server.ports.grpc_url, manifest, timeout_s=30)
+                              for _ in range(clients)] for mode, server in servers.items()}
+            runners["in_process"] = executors[:clients]
+            for _ in range(2):  # warm-up: servers and executors
+                for mode in MODES:
+                    run_clients(lambda c: runners[mode][c], clients, samples, clients * 4, 30)
+            rounds: dict[str, list] = {mode: [] for mode in MODES}
+            mismatches = dict.fromkeys(MODES, 0)
+            stats_before = {mode: batch_stats(s.ports.http, manifest.name)
+                            for mode, s in servers.items()}
+            for _ in range(args.rounds):  # interleaved: noise from other jobs hits every mode
+                for mode in MODES:
+                    result = run_clients(lambda c: runners[mode][c], clients, samples,
+                                         args.requests, args.time_limit_s)
                     mismatches[mode] += check_outputs(result, reference)
                     rounds[mode].append(result)
-            stats_after = batch_stats(ports.http, manifest.name)
-            for remote in remotes:
-                remote.close()
-            formed = {b: n - stats_before.get(b, 0) for b, n in sorted(stats_after.items())
-                      if n - stats_before.get(b, 0) > 0}
             level = {"clients": clients}
-            for mode in ("server", "in_process"):
+            for mode in MODES:
                 level[mode] = merge_rounds(rounds[mode])
                 level[mode]["mismatches"] = mismatches[mode]
-            level["server"]["batches_formed"] = formed
-            level["server"]["mean_batch"] = (sum(b * n for b, n in formed.items())
+            for mode, server in servers.items():
+                after = batch_stats(server.ports.http, manifest.name)
+                formed = {b: n - stats_before[mode].get(b, 0) for b, n in sorted(after.items())
+                          if n - stats_before[mode].get(b, 0) > 0}
+                level[mode]["batches_formed"] = formed
+                level[mode]["mean_batch"] = (sum(b * n for b, n in formed.items())
                                              / max(1, sum(formed.values())))
-            level["speedup"] = level["server"]["throughput_per_s"] / level["in_process"][
-                "throughput_per_s"]
+                for remote in runners[mode]:
+                    remote.close()
+                level[f"{mode}_vs_in_process"] = (level[mode]["throughput_per_s"]
+                                                  / level["in_process"]["throughput_per_s"])
             levels.append(level)
             print_level(name, level)
-        status = server.stop()
+        status = {mode: server.stop() for mode, server in servers.items()}
+        leftovers = {mode: server.leftovers for mode, server in servers.items()}
     for executor in executors:
         executor.close()
     return {"model": manifest.name, "model_dir": str(model_dir), "num_exits": manifest.num_exits,
             "reference_exit_histogram": np.bincount(reference.exit_index,
                                                     minlength=manifest.num_exits).tolist(),
-            "server_exit_status": status, "levels": levels}
+            "server_exit_status": status, "processes_left_after_stop": leftovers,
+            "levels": levels}
 
 
 def print_level(name: str, level: dict) -> None:
-    s, p = level["server"], level["in_process"]
-    print(f"{name:>7} {level['clients']:>3} | server {s['throughput_per_s']:>7.0f}/s "
-          f"p50 {s['p50_ms']:>6.2f} p99 {s['p99_ms']:>7.2f} ms batch {s['mean_batch']:>5.1f} "
-          f"err {s['errors']} lost {s['lost']} diff {s['mismatches']} | per-client executors "
-          f"{p['throughput_per_s']:>7.0f}/s p50 {p['p50_ms']:>6.2f} p99 {p['p99_ms']:>7.2f} ms "
-          f"err {p['errors']} lost {p['lost']} diff {p['mismatches']} | x{level['speedup']:.2f}",
-          flush=True)
+    parts = []
+    for mode in MODES:
+        r = level[mode]
+        batch = f" batch {r['mean_batch']:4.1f}" if "mean_batch" in r else ""
+        parts.append(f"{mode} {r['throughput_per_s']:6.0f}/s p50 {r['p50_ms']:6.2f} "
+                     f"p99 {r['p99_ms']:7.2f} ms{batch} err {r['errors']} lost {r['lost']} "
+                     f"diff {r['mismatches']}")
+    print(f"{name:>6} {level['clients']:>3} | " + " | ".join(parts), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,9 +273,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, path in (("digits", digits), ("av", av)):
             models[name] = bench_model(name, path, args, tmp)
         result = {
-            "what": "trt-exit serve (PyTriton, ONNX Runtime, 1 instance, 1 thread) vs one "
-                    "in-process Executor per client (1 thread each); batch-1 requests in a "
-                    "closed loop per client thread; modes interleaved round by round",
+            "what": "trt-exit serve (PyTriton) and trt-exit triton-repo on the bundled "
+                    "tritonserver (Python backend), each ONNX Runtime with 1 instance and 1 "
+                    "intra-op thread, vs one in-process Executor per client (1 thread each); "
+                    "batch-1 gRPC requests in a closed loop per client thread; modes "
+                    "interleaved round by round",
             "machine": machine_info(),
             "shared_machine_note": "2-core x86-64 CPU shared with other jobs during the run: "
                                    "absolute numbers are noisy, compare modes within a level",
@@ -264,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(args.out, result)
     print(f"wrote {args.out}")
     bad = [(m, lv["clients"]) for m, r in models.items() for lv in r["levels"]
-           for mode in ("server", "in_process")
+           for mode in MODES
            if lv[mode]["errors"] or lv[mode]["lost"] or lv[mode]["mismatches"]]
     if bad:
         print(f"errors, lost responses or mismatches at {bad}")
