@@ -7,7 +7,7 @@ import argparse
 import signal
 import threading
 
-from trt_exit.commands.pipelines import BACKENDS, PRECISIONS
+from trt_exit.commands.pipelines import add_backend_options
 
 POLICY_HELP = "thresholds (default: the tuned ones), thresholds:T0,T1,..., fixed:K, deadline:MS"
 
@@ -63,13 +63,8 @@ def _triton_repo(args: argparse.Namespace) -> int:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="model directory with manifest.json")
-    group = p.add_argument_group("model")
-    group.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
-                       help="onnxruntime (CPU, default), torch (CUDA) or tensorrt")
-    group.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                       help="which graphs/engines to run (default: fp32)")
-    group.add_argument("--threads", type=int, default=1,
-                       help="onnxruntime: intra-op threads per stage (default 1)")
+    add_backend_options(p)
+    group = p.add_argument_group("served model")
     group.add_argument("--policy", help=POLICY_HELP)
     group.add_argument("--model-name", help="name clients use (default: the manifest's)")
     group = p.add_argument_group("batching")
