@@ -32,6 +32,7 @@ def test_inputs_and_outputs_come_from_the_manifest(tiny_tuned):
                                                   served_outputs(manifest, errors_in_band=True)}
 
 
+@pytest.mark.serve  # with the serving tests, which build the AV model anyway
 def test_regression_prediction_has_the_value_columns(av_model_dir):
     manifest = Manifest.load(av_model_dir)
     assert {io.name for io in served_inputs(manifest)} == {"image", "audio"}
