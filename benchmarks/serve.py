@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import tempfile
 import threading
 import time
@@ -118,6 +119,40 @@ def run_clients(make_runner, clients: int, samples: dict[str, np.ndarray], reque
     }
 
 
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of a process group."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields after the name: state, ppid, pgrp, ...
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def executor_batch_costs(executor, samples: dict[str, np.ndarray], sizes=(1, 4, 16, 64),
+                         repeats: int = 30) -> dict[int, float]:
+    """Median wall ms per sample of one executor run at each batch size (the batching gain a
+    server could have at most, before any transport)."""
+    out = {}
+    for size in sizes:
+        feeds = {name: value[:size] for name, value in samples.items()}
+        for _ in range(3):
+            executor.run(feeds)
+        times = []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            executor.run(feeds)
+            times.append((time.perf_counter() - began) * 1e3)
+        out[size] = float(np.median(times)) / size
+    return out
+
+
 def batch_stats(http_port: int, model: str) -> dict[int, int]:
     """Executions per batch size so far (Triton's statistics endpoint)."""
     import tritonclient.http as httpclient
@@ -135,6 +170,11 @@ def merge_rounds(rounds: list[dict]) -> dict:
     out = {key: sum(r[key] for r in rounds) for key in
            ("requests_sent", "answered", "errors", "lost", "hung_clients", "wall_s")}
     out["throughput_per_s"] = out["answered"] / out["wall_s"]
+    answered = max(1, out["answered"])
+    # CPU per answered request: this process (client threads, or the in-process executors) and
+    # the server's processes (trt-exit serve or tritonserver, their Python-backend stubs).
+    out["client_cpu_ms_per_request"] = 1e3 * sum(r["client_cpu_s"] for r in rounds) / answered
+    out["server_cpu_ms_per_request"] = 1e3 * sum(r["server_cpu_s"] for r in rounds) / answered
     out["throughput_per_round"] = [round(r["throughput_per_s"], 1) for r in rounds]
     out["p50_ms"] = float(np.median([r["p50_ms"] for r in rounds]))
     out["p99_ms"] = float(max(r["p99_ms"] for r in rounds))
@@ -166,6 +206,9 @@ def bench_model(name: str, model_dir: Path, args, log_dir: Path) -> dict:
     samples = model_samples(name, manifest, args.samples)
     with Executor(manifest) as executor:
         reference = executor.run(samples)  # batched reference; every sample its own exit
+        batch_costs = executor_batch_costs(executor, samples)
+    print(f"{name}: one executor run, ms per sample at batch " + ", ".join(
+        f"{b}: {ms:.3f}" for b, ms in batch_costs.items()), flush=True)
     repo = log_dir / f"repo-{name}"
     write_repository(RepositoryConfig(model_dir, repo, max_batch=args.max_batch,
                                       max_queue_delay_us=args.max_queue_delay_us))
@@ -196,8 +239,13 @@ def bench_model(name: str, model_dir: Path, args, log_dir: Path) -> dict:
                             for mode, s in servers.items()}
             for _ in range(args.rounds):  # interleaved: noise from other jobs hits every mode
                 for mode in MODES:
+                    server_cpu = group_cpu_s(servers[mode].process.pid) if mode in servers else 0
+                    client_cpu = time.process_time()
                     result = run_clients(lambda c: runners[mode][c], clients, samples,
                                          args.requests, args.time_limit_s)
+                    result["client_cpu_s"] = time.process_time() - client_cpu
+                    result["server_cpu_s"] = (group_cpu_s(servers[mode].process.pid) - server_cpu
+                                              if mode in servers else 0.0)
                     mismatches[mode] += check_outputs(result, reference)
                     rounds[mode].append(result)
             level = {"clients": clients}
@@ -224,6 +272,7 @@ def bench_model(name: str, model_dir: Path, args, log_dir: Path) -> dict:
     return {"model": manifest.name, "model_dir": str(model_dir), "num_exits": manifest.num_exits,
             "reference_exit_histogram": np.bincount(reference.exit_index,
                                                     minlength=manifest.num_exits).tolist(),
+            "executor_ms_per_sample_by_batch": batch_costs,
             "server_exit_status": status, "processes_left_after_stop": leftovers,
             "levels": levels}
 
@@ -234,8 +283,9 @@ def print_level(name: str, level: dict) -> None:
         r = level[mode]
         batch = f" batch {r['mean_batch']:4.1f}" if "mean_batch" in r else ""
         parts.append(f"{mode} {r['throughput_per_s']:6.0f}/s p50 {r['p50_ms']:6.2f} "
-                     f"p99 {r['p99_ms']:7.2f} ms{batch} err {r['errors']} lost {r['lost']} "
-                     f"diff {r['mismatches']}")
+                     f"p99 {r['p99_ms']:7.2f} ms{batch} cpu/req {r['client_cpu_ms_per_request']:.2f}"
+                     f"+{r['server_cpu_ms_per_request']:.2f} ms err {r['errors']} "
+                     f"lost {r['lost']} diff {r['mismatches']}")
     print(f"{name:>6} {level['clients']:>3} | " + " | ".join(parts), flush=True)
 
 
