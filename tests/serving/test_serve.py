@@ -175,3 +175,18 @@ def test_sigterm_stops_the_server_cleanly(server):
     assert "stopping: answered" in log and "Traceback" not in log
     for port, option in ((server.ports.http, "--http-port"), (server.ports.grpc, "--grpc-port")):
         check_port_free("127.0.0.1", port, option)  # nothing left listening
+
+
+@pytest.mark.serve
+@pytest.mark.parametrize("backend", ["torch", "tensorrt"])
+def test_gpu_backends_without_a_gpu_are_a_clear_error(tiny_tuned, capsys, backend):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the CUDA executor would serve")
+    from trt_exit.serving.process import ServerPorts
+
+    ports = ServerPorts.free()
+    assert main(["serve", str(tiny_tuned), "--backend", backend, "--http-port", str(ports.http),
+                 "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics)]) == 2
+    assert "needs an NVIDIA GPU" in capsys.readouterr().err
