@@ -101,7 +101,7 @@ class ServerProcess:
                    f"--http-address={ports.address}", f"--grpc-address={ports.address}",
                    f"--metrics-address={ports.address}", f"--http-port={ports.http}",
                    f"--grpc-port={ports.grpc}", f"--metrics-port={ports.metrics}",
-                   "--exit-timeout-secs=1"]
+                   "--exit-timeout-secs=3"]
         return cls(command, ports, model_name, log, env=tritonserver_environment())
 
     # ------------------------------------------------------------------ lifecycle

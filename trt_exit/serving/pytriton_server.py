@@ -171,8 +171,10 @@ class ModelServer:
         the executors. Safe to call more than once."""
         self._stopped.set()
         if self._triton is not None:
+            started = _descendants(os.getpid())  # tritonserver and its Python-backend stubs
             self._triton.stop()
             self._triton = None
+            _kill_leftovers(started)
         while self._executors:
             self._executors.pop().close()
 
@@ -235,3 +237,45 @@ class ModelServer:
             else:
                 out[io.name] = np.full((rows, *io.dims), -1, io.dtype)
         return out
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state, ppid, ...), or None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """Processes descended from ``pid``, with their start times (from /proc; empty where
+    there is no /proc)."""
+    stats = {int(e.name): _stat(int(e.name)) for e in Path("/proc").glob("[0-9]*")}
+    parents = {child: int(fields[1]) for child, fields in stats.items() if fields}
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return {child: stats[child][19] for child in found if stats.get(child)}
+
+
+def _kill_leftovers(started: dict[int, str]) -> None:
+    """Kills those of ``started`` (this server's own child processes, by pid and start time)
+    still running after Triton stopped: tritonserver can exit at its exit timeout before a
+    Python-backend stub has unloaded, and the stub then ignores SIGTERM and would linger."""
+    import signal
+
+    left = []
+    for pid, start_time in started.items():
+        fields = _stat(pid)
+        if fields and fields[19] == start_time and fields[0] not in ("Z", "X"):
+            left.append(pid)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if left:
+        log.warning("killed %d process(es) tritonserver left running after its exit timeout",
+                    len(left))
