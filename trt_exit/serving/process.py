@@ -11,9 +11,11 @@ Used by the load test (benchmarks/serve.py) and the tests; on loopback by defaul
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -80,6 +82,8 @@ class ServerProcess:
         self.process: subprocess.Popen | None = None
         #: Processes of the server's group still running after it stopped (then killed).
         self.leftovers = 0
+        #: A directory removed once the server has stopped.
+        self.scratch: str | None = None
 
     @classmethod
     def serve(cls, model_dir: str | os.PathLike, ports: ServerPorts, model_name: str,
@@ -89,7 +93,12 @@ class ServerProcess:
                    "--address", ports.address, "--http-port", str(ports.http),
                    "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics),
                    "--exit-timeout-s", "3", *options]
-        return cls(command, ports, model_name, log)
+        # PyTriton's workspace (a copy of tritonserver) in a directory removed on stop, not in
+        # ~/.cache, where a killed server would leave it; short, as it holds Unix sockets.
+        home = tempfile.mkdtemp(prefix="pytriton-")
+        server = cls(command, ports, model_name, log, env={**os.environ, "PYTRITON_HOME": home})
+        server.scratch = home
+        return server
 
     @classmethod
     def tritonserver(cls, repository: str | os.PathLike, ports: ServerPorts, model_name: str,
@@ -127,6 +136,7 @@ class ServerProcess:
         url = f"{self.ports.http_url}/v2/models/{self.model_name}/ready"
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.stop()  # removes its scratch directory and any stray process
                 raise ServingError(f"server exited with status {self.process.returncode} before "
                                    f"it was ready: {self.log_tail()}")
             try:
@@ -167,6 +177,8 @@ class ServerProcess:
         self.leftovers = self._kill_group()
         if status is None:
             self.process.wait(timeout=10)
+        if self.scratch:
+            shutil.rmtree(self.scratch, ignore_errors=True)
         return status
 
     def _kill_group(self) -> int:
