@@ -47,8 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the CLI; returns the process exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:  # Ctrl-C while the command modules import (torch, numpy): no traceback
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("trt-exit: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="trt-exit: %(message)s")
     if not getattr(args, "func", None):
@@ -66,4 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def entrypoint() -> None:
     """Console-script entry point."""
-    sys.exit(main())
+    try:
+        status = main()
+    except KeyboardInterrupt:  # between main's handlers (logging set-up, their own prints)
+        print("trt-exit: interrupted", file=sys.stderr)
+        status = EXIT_INTERRUPTED
+    sys.exit(status)

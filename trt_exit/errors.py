@@ -28,6 +28,15 @@ class ManifestError(ArtifactError):
     """A manifest is malformed, or does not match the files it describes."""
 
 
+class OutputError(TrtExitError):
+    """An output cannot be written where it was asked to go (a missing or read-only folder, a
+    path that is a model's file or the command's own input, a value JSON cannot hold)."""
+
+
+class StageError(TrtExitError, RuntimeError):
+    """A backend failed while running a stage; the message names the stage and the backend."""
+
+
 class MissingDependencyError(TrtExitError, ImportError):
     """An optional dependency is not installed; the message names the extra to install."""
 

@@ -130,6 +130,8 @@ def tune_step(manifest: Manifest, val: Dataset, backend: str = "onnxruntime",
     from trt_exit.runtime.policies import AllExitsPolicy
     from trt_exit.runtime.tuning import tune_thresholds
 
+    if isinstance(profile_repeats, bool) or not isinstance(profile_repeats, int) or profile_repeats < 1:
+        raise ConfigError(f"profile_repeats must be a positive number of runs, got {profile_repeats!r}")
     with Executor(manifest, backend, precision, policy=AllExitsPolicy()) as executor:
         one = {name: v[:1] for name, v in val.inputs.items()}
         stage_ms = measure_stage_latency(executor, one, repeats=profile_repeats)
@@ -184,6 +186,8 @@ def evaluate_step(manifest: Manifest, test: Dataset, backend: str = "onnxruntime
     from trt_exit.runtime.tuning import per_sample_loss
     from trt_exit.training.trainer import exit_metric, metric_name
 
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+        raise ConfigError(f"passes must be a positive number of timed passes, got {passes!r}")
     thresholds = manifest.thresholds(precision)
     if thresholds is None:
         raise ConfigError(f"{manifest.path} has no tuned thresholds: run trt-exit tune first")

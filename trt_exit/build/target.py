@@ -169,10 +169,11 @@ def engine_for(manifest, what: str, records: dict[str, dict[str, Any]], precisio
         EngineMismatchError: Only engines for another TensorRT version or GPU exist.
     """
     from trt_exit.fileio import sha256_file
+    from trt_exit.manifest import FileRef
 
     _, record = select_engine(records, what, precision, target, str(manifest.root), onnx_sha256)
     ref = record["file"]
-    path = (manifest.root / ref["path"]).resolve()
+    path = manifest.resolve(FileRef(**ref), f"{what} engine")  # inside the model directory
     rebuild = f"trt-exit build {manifest.root} --precision {precision} --rebuild"
     if not path.is_file():
         raise ArtifactError(f"{what}: engine file {path} listed in {manifest.path} is missing; "

@@ -18,6 +18,13 @@ from pathlib import Path
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
+def _writable(manifest, what: str):
+    from trt_exit.fileio import check_output_dir
+
+    check_output_dir(manifest.root, f"{what} (writes into the model directory)")
+    return manifest
+
+
 def _manifest(path: str):
     from trt_exit.manifest import Manifest
 
@@ -30,7 +37,7 @@ def _manifest(path: str):
 def _calibrate(args: argparse.Namespace) -> int:
     from trt_exit.export import calibration as calib
 
-    manifest = _manifest(args.dir)
+    manifest = _writable(_manifest(args.dir), "calibrate")
     if args.source and args.source.startswith("imagefolder://"):
         from trt_exit.training.image_folder import calibration_from_folder
 
@@ -65,7 +72,7 @@ def _precision(args: argparse.Namespace) -> int:
     from trt_exit.export.int8 import Int8Settings
     from trt_exit.export.precision import create_precision_graphs
 
-    manifest = _manifest(args.dir)
+    manifest = _writable(_manifest(args.dir), "precision")
     settings = Int8Settings(method=args.calibration_method, percentile=args.percentile,
                             activation_matmuls=not args.weights_only_matmuls)
     manifest = create_precision_graphs(manifest, args.precision, int8=settings)
@@ -90,7 +97,11 @@ def _build(args: argparse.Namespace) -> int:
     require_tensorrt("trt-exit build")  # before reading anything: the clearest first error
     manifest = _manifest(args.dir)
     if args.out:
+        from trt_exit.fileio import check_output_dir
+
+        check_output_dir(args.out, "--out", create=True)
         manifest = deploy_copy(manifest, args.out)
+    _writable(manifest, "build")
     config = BuildConfig(
         precisions=tuple(args.precision),
         profile=BatchProfile(args.min_batch, args.opt_batch, args.max_batch),
@@ -115,6 +126,10 @@ def _doctor(args: argparse.Namespace) -> int:
     from trt_exit.build.doctor import format_checks, format_environment, run_doctor
     from trt_exit.fileio import atomic_write_json
 
+    if args.json:
+        from trt_exit.fileio import check_output_file
+
+        check_output_file(args.json, "--json")
     report = run_doctor(self_test=not args.skip_self_test, precisions=tuple(args.precision))
     print(format_environment(report.environment))
     if report.checks:
@@ -143,6 +158,7 @@ def _doctor(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Adds calibrate, precision, build and doctor."""
+    from trt_exit.commands.options import COUNT, NON_NEGATIVE, SEED, integer, number
     from trt_exit.export.calibration import DEFAULT_SAMPLES
     from trt_exit.export.int8 import CALIBRATION_METHODS
 
@@ -155,9 +171,9 @@ def register(subparsers) -> None:
     p.add_argument("--split", default="train", choices=("train", "val", "test"),
                    help="dataset split to draw from (default: train; val tunes thresholds and "
                         "test measures accuracy)")
-    p.add_argument("--size", type=int, default=DEFAULT_SAMPLES,
+    p.add_argument("--size", type=COUNT, default=DEFAULT_SAMPLES,
                    help=f"samples (default {DEFAULT_SAMPLES}; at least 32)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the draw")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the draw")
     p.add_argument("--from", dest="source", metavar="FILE",
                    help="use this .npz (arrays named like the model inputs) or .npy instead, or "
                         "imagefolder://DIR: a class-stratified sample of its images through the "
@@ -175,7 +191,7 @@ def register(subparsers) -> None:
                    help="graphs to write (default: fp16 int8)")
     p.add_argument("--calibration-method", default="max", choices=CALIBRATION_METHODS,
                    help="INT8 activation ranges (default: max)")
-    p.add_argument("--percentile", type=float, default=99.999,
+    p.add_argument("--percentile", type=number(0.0, 100.0, above=True), default=99.999,
                    help="with --calibration-method percentile (default 99.999)")
     p.add_argument("--weights-only-matmuls", action="store_true",
                    help="INT8: keep attention's activation x activation MatMuls in float")
@@ -194,21 +210,22 @@ def register(subparsers) -> None:
     p.add_argument("--precision", nargs="+", default=["fp16"], choices=PRECISIONS,
                    help="engines to build (default: fp16); fp16/int8 need trt-exit precision")
     group = p.add_argument_group("batch profile")
-    group.add_argument("--min-batch", type=int, default=1)
-    group.add_argument("--opt-batch", type=int, default=1, help="batch the kernels are tuned for")
-    group.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--workspace-mib", type=int, default=1024, help="tactic workspace limit (MiB)")
+    group.add_argument("--min-batch", type=COUNT, default=1)
+    group.add_argument("--opt-batch", type=COUNT, default=1, help="batch the kernels are tuned for")
+    group.add_argument("--max-batch", type=COUNT, default=8)
+    p.add_argument("--workspace-mib", type=COUNT, default=1024, help="tactic workspace limit (MiB)")
     p.add_argument("--timing-cache", type=Path,
                    help="timing cache file (default: DIR/engines/timing.<trt>-<gpu>.cache)")
-    p.add_argument("--dla-core", type=int, help="build for this DLA core (Jetson AGX Orin/Orin NX)")
+    p.add_argument("--dla-core", type=NON_NEGATIVE,
+                   help="build for this DLA core (Jetson AGX Orin/Orin NX)")
     p.add_argument("--no-gpu-fallback", action="store_true",
                    help="with --dla-core: fail instead of running unsupported layers on the GPU")
     p.add_argument("--version-compatible", action="store_true",
                    help="engines later TensorRT versions of the same major can load")
-    p.add_argument("--optimization-level", type=int, choices=range(6), metavar="0-5",
+    p.add_argument("--optimization-level", type=integer(0, 5), metavar="0-5",
                    help="TensorRT builder optimization level (default: TensorRT's, 3)")
     p.add_argument("--rebuild", action="store_true", help="ignore cached engines")
-    p.add_argument("--device", type=int, default=0, help="CUDA device to build on")
+    p.add_argument("--device", type=NON_NEGATIVE, default=0, help="CUDA device to build on")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_build)
 

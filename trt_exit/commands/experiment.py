@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from trt_exit.commands.options import SEED, THREADS
 from trt_exit.errors import ConfigError
 
 AV_CROWD = "synthetic_av_crowd"
@@ -102,12 +103,12 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output directory (results.json, PNG plots)")
     p.add_argument("--dataset", default="digits",
                    help=f"digits (default) or {AV_CROWD}")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=SEED, default=0,
                    help="seed of the split, the backbones and the grid's exit training")
     p.add_argument("--quick", action="store_true",
                    help="smoke-test size: tiny backbones, one or two epochs (numbers mean nothing)")
     p.add_argument("--families", help="comma-separated subset of the exit families to run")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=THREADS, default=1,
                    help="torch threads (default 1: small models on shared cores)")
     p.add_argument("--progress", action="store_true", help="show training progress bars")
     p.set_defaults(func=_experiment)

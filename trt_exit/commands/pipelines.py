@@ -10,6 +10,7 @@ import sys
 import threading
 import urllib.parse
 
+from trt_exit.commands.options import COUNT, POSITIVE, THREADS, integer
 from trt_exit.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ def add_backend_options(parser: argparse.ArgumentParser) -> None:
                             "built on this device)")
     group.add_argument("--precision", default="fp32", choices=PRECISIONS,
                        help="which graphs/engines to run (default: fp32)")
-    group.add_argument("--threads", type=int, default=1,
+    group.add_argument("--threads", type=THREADS, default=1,
                        help="onnxruntime: intra-op threads per stage (default 1)")
 
 
@@ -108,6 +109,7 @@ def _count(args: argparse.Namespace) -> int:
     from trt_exit.profiling.nsys import profiler_range_wanted
 
     manifest = Manifest.load(args.engines)
+    _check_outputs(args, manifest)
     input_uri = args.input
     if "://" not in input_uri:
         input_uri = "file://" + input_uri
@@ -173,6 +175,26 @@ def _count_executor(args: argparse.Namespace, manifest, policy):
     return RemoteExecutor(args.server, manifest)
 
 
+def _check_outputs(args: argparse.Namespace, manifest) -> None:
+    """Every file ``count`` will write (``--summary``, ``jsonl://`` and ``file://`` outputs):
+    writable, and neither a model file nor one of its inputs, before anything runs."""
+    from trt_exit.fileio import check_output_file
+    from trt_exit.pipelines.uri import parse_uri
+
+    def local_path(uri: str):
+        parsed = parse_uri(uri if "://" in uri else "file://" + uri)
+        return parsed.path if parsed.scheme in ("file", "jsonl") else None
+
+    inputs = [(name, local_path(uri)) for name, uri in (("INPUT", args.input),
+                                                        ("--audio", args.audio)) if uri]
+    for uri in args.output or []:
+        path = local_path(uri)
+        if path is not None:
+            check_output_file(path, f"output {uri}", models=[manifest], inputs=inputs)
+    if args.summary:
+        check_output_file(args.summary, "--summary", models=[manifest], inputs=inputs)
+
+
 def _write_summary(path: str | None, summary) -> None:
     if path:
         from trt_exit.fileio import atomic_write_json
@@ -214,27 +236,29 @@ def register(subparsers) -> None:
                    help="run the model on a Triton server (trt-exit serve) instead of here: "
                         "grpc://HOST:8001 or http://HOST:8000 (optionally /MODEL_NAME); "
                         "--engines still gives the manifest (preprocessing)")
-    p.add_argument("--budget-ms", type=float,
+    p.add_argument("--budget-ms", type=POSITIVE,
                    help="deadline mode: stop at the last exit that fits this budget per frame "
                         "(uses the manifest's latency profile)")
     group = p.add_argument_group("input")
-    group.add_argument("--input-width", type=int, help="camera capture width")
-    group.add_argument("--input-height", type=int, help="camera capture height")
-    group.add_argument("--input-rate", type=float, help="camera/synthetic frame rate (FPS)")
-    group.add_argument("--input-flip", type=int, help="CSI nvvidconv flip-method (2 = 180 deg)")
+    group.add_argument("--input-width", type=COUNT, help="camera capture width")
+    group.add_argument("--input-height", type=COUNT, help="camera capture height")
+    group.add_argument("--input-rate", type=POSITIVE, help="camera/synthetic frame rate (FPS)")
+    group.add_argument("--input-flip", type=integer(0, 7),
+                       help="CSI nvvidconv flip-method 0-7 (2 = 180 deg)")
     group.add_argument("--input-loop", action="store_true", help="loop video files")
     group.add_argument("--realtime", action="store_true",
                        help="play files and synthetic input at their frame rate (dropping "
                             "frames the model cannot keep up with) instead of as fast as "
                             "possible")
-    group.add_argument("--queue-frames", type=int, default=2,
+    group.add_argument("--queue-frames", type=COUNT, default=2,
                        help="capture queue length; live input keeps the newest (default 2)")
-    group.add_argument("--reconnect-s", type=float, default=60.0,
+    group.add_argument("--reconnect-s", type=POSITIVE, default=60.0,
                        help="how long to retry a lost camera before stopping (default 60)")
     group = p.add_argument_group("run")
-    group.add_argument("--max-frames", type=int, help="stop after N frames")
-    group.add_argument("--duration-s", type=float, help="stop after S seconds")
-    group.add_argument("--summary", metavar="FILE", help="write the run summary as JSON here")
+    group.add_argument("--max-frames", type=COUNT, help="stop after N frames")
+    group.add_argument("--duration-s", type=POSITIVE, help="stop after S seconds")
+    group.add_argument("--summary", metavar="FILE",
+                       help="write the run summary as JSON here (its folder must exist)")
     group.add_argument("--no-status", action="store_true", help="no live status line")
     p.set_defaults(func=_count)
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from trt_exit.commands.options import COUNT, NON_NEGATIVE, POSITIVE
 from trt_exit.errors import ConfigError, InputError
-from trt_exit.fileio import load_arrays
+from trt_exit.fileio import check_output_dir, check_output_file, load_arrays
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,13 @@ def _profile(args: argparse.Namespace) -> int:
     from trt_exit.profiling.report import ProfileConfig, format_profile, profile_executor
 
     manifest = Manifest.load(args.dir)
+    out = Path(args.out) if args.out else manifest.root / "profile"
+    source = [("--inputs", args.inputs)] if args.inputs not in ("dataset", "random") else []
+    for name in ("profile.json", "profile.png"):
+        check_output_file(out / name, "--out", models=[manifest], inputs=source,
+                          create_folder=True)
+    if args.save_latency:
+        check_output_dir(manifest.root, "--save-latency (writes the manifest)")
     if args.budget_ms:
         policy = deadline_policy(manifest, args.budget_ms, args.backend)
     else:
@@ -72,8 +80,6 @@ def _profile(args: argparse.Namespace) -> int:
     with open_executor(manifest, args.backend, args.precision, policy, args.threads) as executor:
         report = profile_executor(executor, inputs, args.backend, config, policy, described)
     report["command"] = _command_line(args)
-    out = Path(args.out) if args.out else manifest.root / "profile"
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "profile.json", report)
     save_profile_plots(report, out / "profile.png")
     print(format_profile(report))
@@ -131,16 +137,16 @@ def register(subparsers) -> None:
     p.add_argument("dir", help="model directory with manifest.json")
     add_backend_options(p)
     p.add_argument("--policy", help="thresholds (default), thresholds:T0,T1,..., fixed:K, all")
-    p.add_argument("--budget-ms", type=float, help="deadline policy with this budget")
+    p.add_argument("--budget-ms", type=POSITIVE, help="deadline policy with this budget")
     p.add_argument("--inputs", default="dataset",
                    help="dataset (the model's test split, default), random, or an .npz file")
-    p.add_argument("--input-samples", type=int, default=360,
+    p.add_argument("--input-samples", type=COUNT, default=360,
                    help="distinct input samples (default 360)")
-    p.add_argument("--samples", type=int, default=1000, help="timed end-to-end runs")
-    p.add_argument("--warmup", type=int, default=20, help="untimed runs first")
-    p.add_argument("--stage-repeats", type=int, default=200, help="timed runs per stage")
-    p.add_argument("--batch", type=int, default=1, help="samples per run (default 1)")
-    p.add_argument("--out", help="output directory (default DIR/profile)")
+    p.add_argument("--samples", type=COUNT, default=1000, help="timed end-to-end runs")
+    p.add_argument("--warmup", type=NON_NEGATIVE, default=20, help="untimed runs first")
+    p.add_argument("--stage-repeats", type=COUNT, default=200, help="timed runs per stage")
+    p.add_argument("--batch", type=COUNT, default=1, help="samples per run (default 1)")
+    p.add_argument("--out", help="output directory (default DIR/profile; created if missing)")
     p.add_argument("--save-latency", action="store_true",
                    help="store the per-stage medians as the manifest's latency profile")
     p.set_defaults(func=_profile)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
+from trt_exit.commands.options import COUNT, NON_NEGATIVE, POSITIVE, SEED, THREADS, number
 from trt_exit.errors import ConfigError
+from trt_exit.fileio import check_input_file, check_output_dir, check_output_file
 
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
+#: Keep in step with trt_exit.runtime.executor.DEFAULT_CHUNK (not imported: --help stays light).
+DEFAULT_CHUNK = 1024
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -29,19 +33,19 @@ _TRAIN_FLAGS = {"epochs": "epochs", "regime": "regime", "backbone_epochs": "back
 def _add_train_options(parser: argparse.ArgumentParser, recipe: str) -> None:
     """Training flags; ``recipe`` names where unset values come from (for the help)."""
     group = parser.add_argument_group(f"training (unset options keep {recipe})")
-    group.add_argument("--epochs", type=int, help="training epochs")
+    group.add_argument("--epochs", type=COUNT, help="training epochs")
     group.add_argument("--regime", choices=("end_to_end", "classifier_wise", "copycat"),
                        help="end_to_end: everything, final exit weighted 2x; classifier_wise: "
                             "backbone frozen, exits trained; copycat (train --timm only): "
                             "CopycatSL-ViT, exits imitate the final head, then learn the labels")
-    group.add_argument("--backbone-epochs", type=int,
+    group.add_argument("--backbone-epochs", type=NON_NEGATIVE,
                        help="classifier_wise: epochs of backbone + final head first")
-    group.add_argument("--lr", type=float, help="peak learning rate")
-    group.add_argument("--batch-size", type=int)
-    group.add_argument("--seed", type=int, default=0, help="seed of split, init and training (0)")
+    group.add_argument("--lr", type=POSITIVE, help="peak learning rate")
+    group.add_argument("--batch-size", type=COUNT)
+    group.add_argument("--seed", type=SEED, default=0, help="seed of split, init and training (0)")
     group.add_argument("--exits", help="early exits as BLOCK:TYPE,... (e.g. 2:mlp,4:slvit,6:mlp) "
                                        "replacing the model's; TYPE is a registered exit family")
-    group.add_argument("--threads", type=int, help="torch threads for training")
+    group.add_argument("--threads", type=THREADS, help="torch threads for training")
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -87,6 +91,7 @@ def _demo(args: argparse.Namespace) -> int:
     from trt_exit.demo import DemoConfig, run_demo
     from trt_exit.workflow import format_report
 
+    check_output_dir(args.out, "--out", create=True)
     config = DemoConfig(seed=args.seed, train=_train_config(args, DEMO_TRAIN),
                         exits=parse_exits(args.exits),
                         backend=args.backend,
@@ -141,6 +146,7 @@ def _train(args: argparse.Namespace) -> int:
     from trt_exit.training.trainer import evaluate
     from trt_exit.workflow import CHECKPOINT_NAME, train_step
 
+    check_output_dir(args.out, "--out", create=True)
     defaults = DEMO_TRAIN if args.model == "multi_exit_vit_digits" else TrainConfig()
     config = _train_config(args, defaults)
     net, splits, history = train_step(args.out, args.model, args.dataset, config,
@@ -158,6 +164,8 @@ def _export(args: argparse.Namespace) -> int:
     from trt_exit.workflow import CHECKPOINT_NAME, export_step, load_splits
 
     checkpoint = Path(args.checkpoint or Path(args.out) / CHECKPOINT_NAME)
+    check_input_file(checkpoint, "checkpoint")
+    check_output_dir(args.out, "--out", create=True)
     meta = read_metadata(checkpoint)
     net = load_checkpoint(checkpoint)
     dataset = meta["extra"].get("dataset")
@@ -181,6 +189,9 @@ def _tune(args: argparse.Namespace) -> int:
     from trt_exit.workflow import dataset_of, load_splits, tune_step
 
     manifest = _load_manifest(args.dir)
+    check_output_dir(manifest.root, "tune (writes the manifest)")
+    if args.max_drop is not None and manifest.task == "classification" and args.max_drop > 100:
+        raise ConfigError(f"--max-drop {args.max_drop} accuracy points is more than 100")
     info = dataset_of(manifest)
     splits = load_splits(info["name"], info["seed"], info.get("options"))
     max_loss = None if args.max_drop is None else (
@@ -199,6 +210,8 @@ def _eval(args: argparse.Namespace) -> int:
     from trt_exit.workflow import dataset_of, evaluate_step, format_report, load_splits
 
     manifest = _load_manifest(args.dir)
+    if args.out:
+        check_output_file(args.out, "--out", models=[manifest])
     info = dataset_of(manifest)
     splits = load_splits(info["name"], info["seed"], info.get("options"))
     report = evaluate_step(manifest, splits[args.split], args.backend, args.precision, args.passes)
@@ -220,6 +233,9 @@ def parse_policy(text: str | None, manifest):
     )
 
     if text is None or text == "thresholds":
+        if manifest.thresholds() is None:
+            raise ConfigError(f"{manifest.path} has no tuned thresholds: run trt-exit tune "
+                              f"{manifest.root} first (or choose --policy fixed:K or all)")
         return None
     kind, _, value = text.partition(":")
     try:
@@ -241,21 +257,32 @@ def parse_policy(text: str | None, manifest):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from trt_exit.fileio import atomic_write_text, load_arrays
+    from trt_exit.fileio import atomic_path, json_text, load_arrays
     from trt_exit.runtime.executor import Executor
 
     manifest = _load_manifest(args.dir)
-    inputs = load_arrays(args.input, "input file")
-    policy = parse_policy(args.policy, manifest)
-    with Executor(manifest, args.backend, args.precision) as executor:
-        results = executor.run(inputs, policy)
-    lines = [json.dumps({"sample": i, **record}) for i, record in enumerate(results.records())]
-    text = "\n".join(lines) + "\n"
+    output = None
     if args.output:
-        atomic_write_text(args.output, text)
-        print(f"{len(lines)} results in {results.latency_ms:.3f} ms; wrote {args.output}")
-    else:
-        sys.stdout.write(text)
+        output = check_output_file(args.output, "--output", models=[manifest],
+                                   inputs=[("--input", args.input)])
+    inputs = load_arrays(args.input, "input file", mmap=True)
+    policy = parse_policy(args.policy, manifest)
+    with Executor(manifest, args.backend, args.precision) as executor, \
+            contextlib.ExitStack() as stack:
+        if output is not None:
+            tmp = stack.enter_context(atomic_path(output))
+            sink = stack.enter_context(open(tmp, "w", encoding="utf-8"))
+        else:
+            sink = sys.stdout
+        count, latency_ms = 0, 0.0
+        for results in executor.run_chunks(inputs, args.chunk, policy):
+            lines = [json_text({"sample": count + i, **record}, indent=None)
+                     for i, record in enumerate(results.records())]
+            sink.write("\n".join(lines) + "\n")
+            count += len(lines)
+            latency_ms += results.latency_ms
+    if output is not None:
+        print(f"{count} results in {latency_ms:.3f} ms; wrote {output}")
     return 0
 
 
@@ -276,9 +303,9 @@ def register(subparsers) -> None:
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
                    help="stage runner backend (default: onnxruntime on the CPU); the report "
                         "covers fp32, and fp16 / int8 under 'precisions'")
-    p.add_argument("--max-drop", type=float, default=0.5,
+    p.add_argument("--max-drop", type=number(0.0, 100.0), default=0.5,
                    help="accuracy points the early-exit point may lose vs. the final exit")
-    p.add_argument("--passes", type=int, default=3, help="timed passes over the test split")
+    p.add_argument("--passes", type=COUNT, default=3, help="timed passes over the test split")
     p.set_defaults(func=_demo)
 
     p = subparsers.add_parser("train", help="train a multi-exit model, write a checkpoint")
@@ -315,17 +342,18 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("tune", help="profile stages and tune exit thresholds")
     p.add_argument("dir", help="directory with manifest.json")
     _add_backend_options(p)
-    p.add_argument("--max-drop", type=float, default=None,
-                   help="allowed loss vs. the final exit: accuracy points (default 0.5) or MAE")
-    p.add_argument("--repeats", type=int, default=200, help="timed runs per stage")
+    p.add_argument("--max-drop", type=number(0.0), default=None,
+                   help="allowed loss vs. the final exit: accuracy points (default 0.5, at most "
+                        "100) or MAE")
+    p.add_argument("--repeats", type=COUNT, default=200, help="timed runs per stage")
     p.set_defaults(func=_tune)
 
     p = subparsers.add_parser("eval", help="accuracy and latency per exit on a split")
     p.add_argument("dir", help="directory with manifest.json")
     _add_backend_options(p)
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--passes", type=int, default=3, help="timed passes over the split")
-    p.add_argument("--out", help="write the report as JSON here")
+    p.add_argument("--passes", type=COUNT, default=3, help="timed passes over the split")
+    p.add_argument("--out", help="write the report as JSON here (its folder must exist)")
     p.set_defaults(func=_eval)
 
     p = subparsers.add_parser("run", help="run the model with early exits on an array file")
@@ -334,6 +362,10 @@ def register(subparsers) -> None:
                    help=".npy (one input) or .npz (arrays named like the model inputs), float32")
     p.add_argument("--policy", help="thresholds (default), thresholds:T0,T1,..., fixed:K, all, "
                                     "deadline:MS")
-    p.add_argument("--output", help="write JSON lines here instead of stdout")
+    p.add_argument("--output", help="write JSON lines here instead of stdout (its folder must "
+                                    "exist; written only when every sample has run)")
+    p.add_argument("--chunk", type=COUNT, default=DEFAULT_CHUNK,
+                   help=f"samples per executor run (default {DEFAULT_CHUNK}): large inputs run "
+                        f"in chunks, so memory stays flat")
     _add_backend_options(p)
     p.set_defaults(func=_run)

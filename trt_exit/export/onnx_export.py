@@ -16,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -164,7 +162,9 @@ def export_model(
     full_module, full_inputs, full_outputs = full_model_io(model, example)
 
     # Export into a staging directory first; move into place only when everything checks out.
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
+    from trt_exit.fileio import make_staging_dir, remove_staging_dir
+
+    staging = make_staging_dir(out_dir, ".export-")  # locked: a killed export's is removed later
     try:
         rel = Path("onnx") / "fp32"
         example_values = _stage_values(stages, example)
@@ -220,7 +220,7 @@ def export_model(
         for path in sorted((staging / rel).iterdir()):
             os.replace(path, out_dir / rel / path.name)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_staging_dir(staging)
 
     for stage in stages:
         stage.entry.onnx["fp32"] = FileRef.of(out_dir / rel / f"{stage.entry.name}.onnx", out_dir)

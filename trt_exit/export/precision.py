@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -37,6 +35,7 @@ from trt_exit.export import calibration as calib
 from trt_exit.export.fp16 import FP32_OP_TYPES, convert_to_fp16
 from trt_exit.export.int8 import Int8Settings, check_tensorrt_convention, quantize_int8
 from trt_exit.export.parity import max_abs_diff
+from trt_exit.fileio import make_staging_dir, remove_staging_dir
 from trt_exit.manifest import FileRef, Manifest, TensorSpec
 
 #: Precisions this module creates (FP32 comes from export).
@@ -211,7 +210,7 @@ def create_precision_graphs(
     calibration = calib.load(manifest) if "int8" in precisions or manifest.calibration else None
     manifest.verify(["fp32"])
     sample = _sample_inputs(manifest, calibration)
-    staging = Path(tempfile.mkdtemp(prefix=".precision-", dir=manifest.root))
+    staging = make_staging_dir(manifest.root, ".precision-")  # a killed pass's is removed later
     try:
         records = {}
         for precision in precisions:
@@ -235,5 +234,5 @@ def create_precision_graphs(
             }
         _commit(manifest, staging, records)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_staging_dir(staging)
     return manifest

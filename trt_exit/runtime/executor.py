@@ -11,15 +11,16 @@ same decisions on the GPU.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 from trt_exit import tensor_names as tn
-from trt_exit.errors import ConfigError, InputError
+from trt_exit.errors import ConfigError, InputError, StageError, TrtExitError
 from trt_exit.manifest import Manifest
 from trt_exit.profiling.nvtx import nvtx_range
 from trt_exit.runtime.backends.base import Backend, StageRunner
@@ -78,16 +79,17 @@ class ExitResults:
         return len(self.exit_index)
 
     def records(self) -> list[dict[str, Any]]:
-        """One JSON-ready dict per sample."""
-        out = []
-        for i in range(len(self)):
-            pred = self.prediction[i]
-            out.append({
-                "exit": int(self.exit_index[i]),
-                "prediction": int(pred) if np.ndim(pred) == 0 else [float(v) for v in pred],
-                "confidence": float(self.confidence[i]),
-            })
-        return out
+        """One JSON-ready dict per sample (a non-finite confidence or value becomes None).
+
+        Linear in the batch: the predictions are computed once for the whole batch.
+        """
+        prediction = self.prediction
+        values = prediction.tolist()  # (B,) class indices or (B, V) values
+        if prediction.dtype.kind == "f" and not np.isfinite(prediction).all():
+            values = [[v if math.isfinite(v) else None for v in row] for row in values]
+        confidence = self.confidence.astype(np.float64).tolist()
+        return [{"exit": e, "prediction": p, "confidence": c if math.isfinite(c) else None}
+                for e, p, c in zip(self.exit_index.tolist(), values, confidence)]
 
 
 def create_backend(name: str | Backend, **options: Any) -> Backend:
@@ -196,6 +198,23 @@ def validate_inputs(manifest: Manifest, inputs: Any, device_arrays: bool = False
     return feeds
 
 
+def run_stage(runner: StageRunner, values: dict[str, Any], backend: str) -> dict[str, Any]:
+    """``runner.run(values)``; a backend's own exception becomes a :class:`StageError` naming the
+    stage and the backend (errors trt_exit raises on purpose pass through)."""
+    try:
+        return runner.run(values)
+    except TrtExitError:
+        raise
+    except Exception as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise StageError(f"stage {runner.name} failed on the {backend} backend: "
+                         f"{type(exc).__name__}: {message}") from exc
+
+
+#: Samples per executor run when a large input is run in chunks (``trt-exit run --chunk``).
+DEFAULT_CHUNK = 1024
+
+
 class Executor:
     """Runs a multi-exit model stage by stage under an exit policy.
 
@@ -293,6 +312,39 @@ class Executor:
         results.value_columns = self.manifest.value_columns
         return results
 
+    def run_chunks(self, inputs: Any, chunk: int = DEFAULT_CHUNK,
+                   policy: Policy | None = None) -> Iterator[ExitResults]:
+        """Runs a large input ``chunk`` samples at a time; yields each chunk's results.
+
+        Memory stays flat in the number of samples (inputs may be memory-mapped arrays: only
+        one chunk is read at a time). Every chunk is checked before the first one runs, so a
+        bad sample at the end fails the run before any result is produced.
+
+        Args:
+            inputs: One array (N, ...) or a dict of arrays by input name.
+            chunk: Samples per :meth:`run`.
+            policy: Overrides the executor's policy.
+        """
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ConfigError(f"chunk must be a positive number of samples, got {chunk!r}")
+        arrays = dict(inputs) if isinstance(inputs, Mapping) else {None: inputs}
+        lengths = {name: len(value) if hasattr(value, "__len__") else None
+                   for name, value in arrays.items()}
+        if len(set(lengths.values())) != 1 or None in lengths.values():
+            raise InputError(f"inputs have different numbers of samples: {lengths}")
+        total = next(iter(lengths.values()))
+
+        def part(start: int) -> Any:
+            sliced = {name: value[start : start + chunk] for name, value in arrays.items()}
+            return sliced[None] if None in sliced else sliced
+
+        if total == 0:
+            self.validate_inputs(part(0))  # raises: an empty batch
+        for start in range(0, total, chunk):
+            self.validate_inputs(part(start))
+        for start in range(0, total, chunk):
+            yield self.run(part(start), policy)
+
     def run_full_model(self, inputs: Any) -> ExitResults:
         """Runs the no-exit baseline graph (backbone and final head in one graph)."""
         feeds = self.validate_inputs(inputs)
@@ -301,7 +353,7 @@ class Executor:
         final = self.num_exits - 1
         began = time.perf_counter()
         with nvtx_range("full"):
-            values = self._full.run(feeds)
+            values = run_stage(self._full, feeds, self.backend.name)
         latency = (time.perf_counter() - began) * 1e3
         output = np.asarray(values[tn.exit_output(final)])
         batch = output.shape[0]
@@ -311,7 +363,7 @@ class Executor:
 
     def _run_stage(self, name: str, values: dict[str, Any]) -> dict[str, Any]:
         with nvtx_range(name):
-            return self.runners[name].run(values)
+            return run_stage(self.runners[name], values, self.backend.name)
 
     def _run_all(self, feeds: dict[str, Any], began: float) -> ExitResults:
         values = dict(feeds)

@@ -167,8 +167,8 @@ def tune_thresholds(
     if max_loss is None:
         max_loss = (DEFAULT_MAX_ACCURACY_DROP if task == "classification"
                     else DEFAULT_MAX_MAE_INCREASE_FRACTION * final_loss)
-    if max_loss < 0:
-        raise ConfigError(f"max_loss must be >= 0, got {max_loss}")
+    if not np.isfinite(max_loss) or max_loss < 0:
+        raise ConfigError(f"max_loss must be a finite number >= 0, got {max_loss}")
     segments, heads = stage_costs(stage_latency_ms, num_exits)
     evaluate = _Evaluator(confidences, losses, segments, heads)
     e1 = num_exits - 1

@@ -12,8 +12,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from trt_exit.errors import ArtifactError, InputError
-from trt_exit.manifest import Manifest, StageEntry, TensorSpec
+from trt_exit.errors import ArtifactError, InputError, StageError
+from trt_exit.manifest import Manifest, StageEntry, TensorSpec, check_graph_io, ort_type_name
 from trt_exit.runtime.backends.base import Backend, StageRunner
 
 
@@ -44,31 +44,50 @@ def open_session(path: str | Path, threads: int = 1):
 
 
 class OrtStageRunner(StageRunner):
-    """Runs one ONNX graph with ONNX Runtime on the CPU."""
+    """Runs one ONNX graph with ONNX Runtime on the CPU.
+
+    On load the graph's input and output names, dtypes and shapes are checked against the
+    manifest's (a graph replaced by one with the same tensor names but other shapes is refused);
+    every run checks the outputs' dtypes and shapes too, and a failure inside ONNX Runtime is a
+    :class:`~trt_exit.errors.StageError` naming the stage.
+    """
 
     def __init__(self, name: str, path: str | Path, inputs: list[TensorSpec],
                  outputs: list[TensorSpec], threads: int = 1):
         super().__init__(name, inputs, outputs)
         self.path = Path(path)
         self.session = open_session(path, threads)
-        graph_inputs = {i.name for i in self.session.get_inputs()}
-        graph_outputs = {o.name for o in self.session.get_outputs()}
-        expected_in = {t.name for t in inputs}
-        expected_out = {t.name for t in outputs}
-        if graph_inputs != expected_in or not expected_out <= graph_outputs:
-            raise ArtifactError(
-                f"{path}: graph tensors {sorted(graph_inputs)} -> {sorted(graph_outputs)} do not "
-                f"match the manifest's {sorted(expected_in)} -> {sorted(expected_out)}"
-            )
+
+        def declared(args) -> dict[str, tuple[str, list]]:
+            return {a.name: (ort_type_name(a.type),
+                             [d if isinstance(d, int) else None for d in a.shape]
+                             if a.shape is not None else None) for a in args}
+
+        check_graph_io(f"stage {name}", path, inputs, outputs,
+                       declared(self.session.get_inputs()), declared(self.session.get_outputs()))
         self._input_names = [t.name for t in inputs]
         self._output_names = [t.name for t in outputs]
+        self._expected = [(t.name, np.dtype(t.dtype), tuple(t.shape[1:])) for t in outputs]
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         try:
-            values = self.session.run(self._output_names,
-                                      {name: feeds[name] for name in self._input_names})
+            inputs = {name: feeds[name] for name in self._input_names}
         except KeyError as exc:
             raise InputError(f"stage {self.name} needs input {exc.args[0]!r}") from None
+        try:
+            values = self.session.run(self._output_names, inputs)
+        except Exception as exc:  # ORT's own exception types (Fail, InvalidArgument, ...)
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise StageError(f"stage {self.name} failed in ONNX Runtime ({self.path.name}): "
+                             f"{message}") from exc
+        batch = len(next(iter(inputs.values()))) if inputs else None
+        for (name, dtype, shape), value in zip(self._expected, values):
+            if value.dtype != dtype or value.shape[1:] != shape or (
+                    batch is not None and value.shape[0] != batch):
+                raise StageError(
+                    f"stage {self.name} ({self.path.name}) returned {name} as {value.dtype} "
+                    f"{value.shape}, the manifest says {dtype} (batch {batch}, {shape}): the "
+                    f"graph does not match the manifest; re-export the model")
         return dict(zip(self._output_names, values))
 
     def close(self) -> None:
