@@ -275,8 +275,17 @@ def check_output_dir(folder: str | os.PathLike, what: str, create: bool = False)
             raise OutputError(f"{what}: cannot create folder {folder} ({exc.strerror})") from exc
     if not folder.is_dir():
         raise OutputError(f"{what}: {folder} is not a folder")
+    reason = None
     if not os.access(folder, os.W_OK | os.X_OK):
         reason = "read-only file system" if _read_only_fs(folder) else "permission denied"
+    else:  # access() trusts root and permission bits; creating a file is the real test
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".trt-exit-probe.", suffix=".tmp", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+    if reason:
         raise OutputError(f"{what}: cannot write in {folder} ({reason}); choose a writable "
                           f"location")
     return folder

@@ -205,6 +205,9 @@ class VideoFileSink(_VideoWriterSink):
         writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), self.fps,
                                  (width, height))
         if not writer.isOpened():
+            from trt_exit.fileio import check_output_dir
+
+            check_output_dir(path.parent, str(self.uri))  # a read-only folder: say so
             raise SourceError(f"{self.uri}: OpenCV cannot write {path} with codec {fourcc}; "
                               f"try .avi (MJPG)")
         return writer
