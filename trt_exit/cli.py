@@ -7,13 +7,18 @@ printed as one line and the exit status is non-zero, without a traceback.
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import logging
 import sys
 
-from trt_exit import __version__
-from trt_exit.errors import TrtExitError
+try:  # Ctrl-C in the first moments of `trt-exit` (these imports): a line, not a traceback
+    import argparse
+    import importlib
+    import logging
+
+    from trt_exit import __version__
+    from trt_exit.errors import TrtExitError
+except KeyboardInterrupt:
+    print("trt-exit: interrupted", file=sys.stderr)
+    raise SystemExit(130) from None
 
 #: Modules contributing subcommands, in the order they appear in ``--help``.
 COMMAND_MODULES = [

@@ -230,7 +230,7 @@ def load_arrays(path: str | os.PathLike, what: str = "array file", mmap: bool = 
     except ValueError as exc:
         if "pickle" in str(exc):
             raise _pickled(what, path) from exc
-        raise InputError(f"{what} {path} is not a readable .npy or .npz array file ({exc})") from exc
+        raise InputError(f"{what} {path} is a damaged or truncated array file ({exc})") from exc
     except (OSError, EOFError) as exc:
         raise InputError(f"{what} {path} is damaged or truncated ({exc})") from exc
     if isinstance(loaded, np.lib.npyio.NpzFile):

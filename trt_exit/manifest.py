@@ -511,6 +511,8 @@ def merge_changes(base: Any, theirs: Any, ours: Any) -> Any:
         return theirs
     if _same(theirs, base) or _same(theirs, ours):
         return ours
+    if base is _MISSING and isinstance(theirs, dict) and isinstance(ours, dict):
+        base = {}  # both added an object here: merge what each put in it
     if all(isinstance(v, dict) for v in (base, theirs, ours)):
         merged = {}
         for key in dict.fromkeys([*ours, *theirs]):
