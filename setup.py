@@ -26,10 +26,11 @@ setup(
         "safetensors>=0.4",
         "tqdm>=4.66",
         "matplotlib>=3.7",
+        "filelock>=3.12",  # the manifest's lock (docs/trust.md)
     ],
     extras_require={
         # Tests; the timm adapter tests need timm (and with it torchvision).
-        "dev": ["pytest>=8", "timm>=1.0", "opencv-python-headless>=4.8"],
+        "dev": ["pytest>=8", "timm>=1.0", "opencv-python-headless>=4.8", "hypothesis>=6.100"],
         "timm": ["timm>=1.0"],
         # The CUDA executor: cuda-python (with NVRTC) and NVTX ranges for Nsight Systems, of the
         # driver's CUDA major version: cuda12 for CUDA 12.x drivers (JetPack 6, R550-R575),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import math
@@ -88,6 +89,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_siblings(target)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     except OSError as exc:
         raise _cannot_write(target, exc) from exc
@@ -383,6 +385,16 @@ _TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 def _is_temporary(name: str) -> bool:
     return _TEMPORARY.match(name) is not None
+
+
+def _remove_stale_siblings(target: Path) -> None:
+    """Removes temporaries of ``target`` left by killed writers (their lock is free)."""
+    if fcntl is None:  # pragma: no cover
+        return
+    for path in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        if _is_temporary(path.name) and _owner_gone(path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
 
 def remove_stale_temporaries(root: str | os.PathLike, depth: int = 3) -> list[Path]:

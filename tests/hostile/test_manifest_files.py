@@ -124,7 +124,8 @@ BAD = [
     ("enabled text", _set("exits/1/enabled", "yes"), "exits[1].enabled"),
     ("latency text", _set("latency_profile/stages/segment_0", "fast"),
      "latency_profile.stages.segment_0"),
-    ("latency negative", _set("latency_profile/stages/exit_0", -3), "latency_profile.stages.exit_0"),
+    ("latency negative", _set("latency_profile/stages/exit_0", -3),
+     "latency_profile.stages.exit_0"),
     ("tuned thresholds short", _set("tuning/fp32/best/thresholds", [0.5]),
      "tuning.fp32.best.thresholds"),
     ("sha not hex", _set("stages/0/onnx/fp32/sha256", "xyz"), "stages[0].onnx.fp32.sha256"),
@@ -178,7 +179,8 @@ def valid_manifest(tiny_tuned):
     return json.loads((tiny_tuned / MANIFEST_NAME).read_text())
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_damaged_manifests_give_manifest_errors_only(valid_manifest, tiny_tuned, data):
     damaged = copy.deepcopy(valid_manifest)

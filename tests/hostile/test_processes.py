@@ -139,3 +139,22 @@ def test_a_killed_export_leaves_nothing_after_the_next_one(model, tmp_path):
     Manifest.load(model, verify=True).save()
     assert not list(model.glob(".export-*")) and not list(model.rglob("*.tmp"))
     json.loads((model / MANIFEST_NAME).read_text())
+
+
+def test_a_killed_output_writer_is_cleaned_by_the_next_write_of_that_file(tmp_path):
+    """`run --output` writes outside any model directory: the next write of the same file
+    removes what a killed one left."""
+    from trt_exit.fileio import atomic_write_text
+
+    out = tmp_path / "results.jsonl"
+    code = ("import sys, time\nfrom trt_exit.fileio import atomic_path\n"
+            "with atomic_path(sys.argv[1]) as tmp:\n"
+            "    tmp.write_text('partial')\n    print(tmp.name, flush=True)\n    time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(out)], env=_env(),
+                            stdout=subprocess.PIPE, text=True)
+    leftover = tmp_path / proc.stdout.readline().strip()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert leftover.exists() and not out.exists()
+    atomic_write_text(out, "complete\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl"]

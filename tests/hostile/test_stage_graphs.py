@@ -91,7 +91,8 @@ def _symbolic_graph(reshape: bool = False) -> onnx.ModelProto:
 
 def test_symbolic_class_count_is_caught_on_the_first_run(model, digits):
     _replace_exit_0(model, _symbolic_graph())
-    with Executor(model) as executor, pytest.raises(StageError, match="stage exit_0.*exit_0_output"):
+    with Executor(model) as executor, \
+            pytest.raises(StageError, match="stage exit_0.*exit_0_output"):
         executor.run(digits["test"].inputs["image"][:3])
 
 
