@@ -24,13 +24,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 
+# Peak RSS from VmHWM: getrusage's ru_maxrss survives fork and exec, so a child would report
+# this (larger) benchmark process's peak.
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 began = time.perf_counter()
 from trt_exit.cli import main
 status = main(sys.argv[1:])
 seconds = time.perf_counter() - began
-peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status")
+               if line.startswith("VmHWM:"))
 print(json.dumps({"status": status, "seconds": seconds, "peak_rss_mb": peak_kb / 1024}),
       file=sys.stderr)
 """

@@ -205,13 +205,66 @@ def _pickled(what: str, path: Path) -> InputError:
                       f"Python objects (pickled data), which trt-exit never loads")
 
 
-def load_arrays(path: str | os.PathLike, what: str = "array file", mmap: bool = False) -> Any:
+class NpyRows:
+    """The rows of a ``.npy`` file, read from disk a slice at a time (``rows[a:b]`` is an
+    array): memory stays flat however large the file (a memory map would keep every page it
+    touched resident).
+
+    Attributes:
+        shape: The array's shape.
+        dtype: Its dtype.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype, offset: int):
+        self.path, self.shape, self.dtype, self._offset = path, shape, dtype, offset
+        self.ndim = len(shape)
+        self._row_items = int(math.prod(shape[1:]))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice):
+        import numpy as np
+
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("NpyRows supports contiguous slices only")
+        start, stop, _ = rows.indices(len(self))
+        count = max(0, stop - start)
+        values = np.fromfile(self.path, dtype=self.dtype, count=count * self._row_items,
+                             offset=self._offset + start * self._row_items * self.dtype.itemsize)
+        if values.size != count * self._row_items:
+            raise InputError(f"{self.path} is truncated: it ends before row {stop}")
+        return values.reshape((count, *self.shape[1:]))
+
+
+def _npy_rows(path: Path) -> NpyRows | None:
+    """A lazy reader of ``path`` (a .npy of numbers in C order), or None to read it whole."""
+    import numpy as np
+
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            return None
+        shape, fortran_order, dtype = read_header(handle)
+        offset = handle.tell()
+    if fortran_order or dtype.hasobject or len(shape) < 1:
+        return None
+    expected = offset + int(math.prod(shape)) * dtype.itemsize
+    if path.stat().st_size < expected:
+        raise InputError(f"{path} is a damaged or truncated array file (it holds "
+                         f"{path.stat().st_size} bytes, its header promises {expected})")
+    return NpyRows(path, tuple(shape), dtype, offset)
+
+
+def load_arrays(path: str | os.PathLike, what: str = "array file", lazy: bool = False) -> Any:
     """A user's array file: ``.npz`` -> ``{name: array}`` (read in full, file closed), ``.npy`` ->
     one array. Never unpickles.
 
     Args:
-        mmap: ``.npy`` only: map the file instead of reading it (memory stays flat for inputs
-            larger than RAM; the file must not change while the array is used).
+        lazy: ``.npy`` only: return :class:`NpyRows`, which reads rows from disk as they are
+            sliced (for inputs larger than memory, run in chunks).
 
     Raises:
         InputError: ``path`` is missing, not a regular file, or not an array file (the message
@@ -227,8 +280,11 @@ def load_arrays(path: str | os.PathLike, what: str = "array file", mmap: bool = 
         raise InputError(f"{what} {path} is not a .npy or .npz array file ({shown}); save arrays "
                          f"with numpy.save / numpy.savez")
     try:
-        loaded = np.load(path, allow_pickle=False,
-                         mmap_mode="r" if mmap and head.startswith(_NPY_MAGIC) else None)
+        if lazy and head.startswith(_NPY_MAGIC):
+            rows = _npy_rows(path)
+            if rows is not None:
+                return rows
+        loaded = np.load(path, allow_pickle=False)
     except ValueError as exc:
         if "pickle" in str(exc):
             raise _pickled(what, path) from exc

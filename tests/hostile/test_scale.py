@@ -37,11 +37,11 @@ def _seconds(n: int) -> float:
 
 def test_records_are_linear_in_the_batch():
     _seconds(1000)  # warm-up
-    small = min(_seconds(5_000) for _ in range(3))
-    large = min(_seconds(50_000) for _ in range(3))
-    # 10x the samples: linear is ~10x (~20x measured: allocator and caches); the old per-sample
-    # argmax over the whole batch is ~100x (and ~10 s at 50,000).
-    assert large / small < 50, (small, large)
+    small = min(_seconds(2_000) for _ in range(5))
+    large = min(_seconds(40_000) for _ in range(5))
+    # 20x the samples: linear is ~20x (up to ~40x measured on a loaded machine: allocator and
+    # caches); the old per-sample argmax over the whole batch is ~400x.
+    assert large / small < 150, (small, large)
 
 
 def test_records_match_a_per_sample_computation():

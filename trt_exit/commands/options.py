@@ -13,49 +13,36 @@ import math
 from typing import Callable
 
 
-def _bounds(minimum: float | None, maximum: float | None, above: bool) -> str:
+def _ranged(convert: Callable[[str], float], kind: str, minimum: float | None,
+            maximum: float | None, above: bool) -> Callable[[str], float]:
     low = "" if minimum is None else (f"> {minimum:g}" if above else f">= {minimum:g}")
     high = "" if maximum is None else f"<= {maximum:g}"
-    return " and ".join(part for part in (low, high) if part)
+    expected = f"must be {kind} {' and '.join(part for part in (low, high) if part)}".strip()
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
+        if (not math.isfinite(value)
+                or (minimum is not None and (value <= minimum if above else value < minimum))
+                or (maximum is not None and value > maximum)):
+            raise argparse.ArgumentTypeError(f"{expected}, got {text!r}")
+        return value
+
+    parse.__name__ = expected.removeprefix("must be ")
+    return parse
 
 
 def integer(minimum: int | None = None, maximum: int | None = None) -> Callable[[str], int]:
     """An argparse ``type``: an integer in [``minimum``, ``maximum``] (either may be None)."""
-    bounds = _bounds(minimum, maximum, False)
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer {bounds}, got {text!r}") from None
-        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-            raise argparse.ArgumentTypeError(f"must be an integer {bounds}, got {text!r}")
-        return value
-
-    parse.__name__ = f"integer {bounds}".strip()
-    return parse
+    return _ranged(int, "an integer", minimum, maximum, False)
 
 
 def number(minimum: float | None = None, maximum: float | None = None,
            above: bool = False) -> Callable[[str], float]:
     """An argparse ``type``: a finite number >= ``minimum`` (> with ``above``) and <= ``maximum``."""
-    bounds = _bounds(minimum, maximum, above)
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number {bounds}, got {text!r}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number {bounds}, got {text!r}")
-        if minimum is not None and (value <= minimum if above else value < minimum):
-            raise argparse.ArgumentTypeError(f"must be a number {bounds}, got {text!r}")
-        if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"must be a number {bounds}, got {text!r}")
-        return value
-
-    parse.__name__ = f"number {bounds}".strip()
-    return parse
+    return _ranged(float, "a finite number", minimum, maximum, above)
 
 
 #: Shared ranges.

@@ -265,7 +265,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.output:
         output = check_output_file(args.output, "--output", models=[manifest],
                                    inputs=[("--input", args.input)])
-    inputs = load_arrays(args.input, "input file", mmap=True)
+    inputs = load_arrays(args.input, "input file", lazy=True)
     policy = parse_policy(args.policy, manifest)
     with Executor(manifest, args.backend, args.precision) as executor, \
             contextlib.ExitStack() as stack:
