@@ -79,4 +79,6 @@ def test_ctrl_c_in_the_first_moments_prints_no_traceback(model, sample_file, del
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert "Traceback" not in err, err
-    assert proc.returncode in (0, 130), err  # 0: it finished before the signal
+    # 130: interrupted; 0: it finished first; -SIGINT: the signal came during the interpreter's
+    # shutdown, after the command (Python restores the default handler there): no traceback.
+    assert proc.returncode in (0, 130, -signal.SIGINT), err
