@@ -486,8 +486,8 @@ def manifest_lock(root: str | os.PathLike, timeout_s: float = LOCK_TIMEOUT_S) ->
     try:
         lock.acquire()
     except Timeout:
-        raise ManifestError(f"another trt-exit command has been writing {Path(root) / MANIFEST_NAME} "
-                            f"for {timeout_s:.0f} s (lock {Path(root) / LOCK_NAME}); wait for it "
+        raise ManifestError(f"another trt-exit command has been writing "
+                            f"{Path(root) / MANIFEST_NAME} for {timeout_s:.0f} s (lock {Path(root) / LOCK_NAME}); wait for it "
                             f"to finish and try again") from None
     except OSError as exc:
         raise OutputError(f"cannot lock {Path(root) / MANIFEST_NAME} for writing ({exc.strerror}); "

@@ -38,8 +38,8 @@ class _Checker:
         self.where = where
 
     def fail(self, field: str, problem: str) -> None:
-        raise ManifestError(f"{self.where}: malformed manifest: {field} {problem}; fix the field or re-export the "
-                            f"model (trt-exit export)")
+        raise ManifestError(f"{self.where}: malformed manifest: {field} {problem}; fix the "
+                            f"field or re-export the model (trt-exit export)")
 
     def dict(self, value: Any, field: str) -> dict:
         if not isinstance(value, dict):

@@ -59,6 +59,17 @@ def test_count_outputs_onto_the_model_are_refused(model, output, capsys):
                             model, "--max-frames", "1"], "would overwrite", model)
 
 
+@pytest.mark.parametrize("output", ["jsonl://{clip}", "file://{clip}", "--summary={clip}",
+                                    "--summary={wav}"])
+def test_count_outputs_onto_its_inputs_are_refused(model, tmp_path, output, capsys):
+    clip, wav = tmp_path / "clip.mp4", tmp_path / "clip.wav"
+    clip.write_bytes(b"not really a video")
+    wav.write_bytes(b"not really audio")
+    output = output.format(clip=clip, wav=wav)
+    assert_refused(capsys, ["count", str(clip), output, "--audio", f"file://{wav}", "--engines",
+                            model], "this command's input", model, tmp_path)
+
+
 def test_count_summary_onto_the_manifest_is_refused(model, capsys):
     assert_refused(capsys, ["count", "synthetic://crowd", "--engines", model, "--summary",
                             model / "manifest.json"], "would overwrite", model)

@@ -41,7 +41,7 @@ def integer(minimum: int | None = None, maximum: int | None = None) -> Callable[
 
 def number(minimum: float | None = None, maximum: float | None = None,
            above: bool = False) -> Callable[[str], float]:
-    """An argparse ``type``: a finite number >= ``minimum`` (> with ``above``) and <= ``maximum``."""
+    """An argparse ``type``: a finite number >= ``minimum`` (> with ``above``), <= ``maximum``."""
     return _ranged(float, "a finite number", minimum, maximum, above)
 
 

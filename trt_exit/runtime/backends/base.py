@@ -2,6 +2,12 @@
 
 A backend opens a :class:`StageRunner` per stage graph of a manifest. Runners bind tensors by the
 names in the stage's manifest entry; ``run`` takes and returns arrays by name.
+
+The model directory is a trust boundary (docs/trust.md): a runner checks its graph's input and
+output names, dtypes and shapes against the manifest when it opens it
+(:func:`trt_exit.manifest.check_graph_io`), and the host executor turns a backend's own
+exception in ``run`` into a :class:`~trt_exit.errors.StageError` naming the stage
+(:func:`trt_exit.runtime.executor.run_stage`).
 """
 
 from __future__ import annotations
