@@ -466,7 +466,7 @@ def _read_json(path: Path, missing_ok: bool = False) -> Any:
 
 
 @contextlib.contextmanager
-def manifest_lock(root: str | os.PathLike, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+def manifest_lock(root: str | os.PathLike, timeout_s: float | None = None) -> Iterator[None]:
     """Holds the lock of the manifest in ``root`` (``.manifest.json.lock``, with ``filelock``).
 
     Every read-modify-write of a manifest holds it (:meth:`Manifest.save`). The lock is an
@@ -477,18 +477,21 @@ def manifest_lock(root: str | os.PathLike, timeout_s: float = LOCK_TIMEOUT_S) ->
     only on the same machine (see docs/trust.md).
 
     Raises:
-        ManifestError: Another writer held it for ``timeout_s``.
+        ManifestError: Another writer held it for ``timeout_s`` (default
+            :data:`LOCK_TIMEOUT_S`).
         OutputError: The lock file cannot be created (a read-only directory).
     """
     from filelock import FileLock, Timeout
 
+    timeout_s = LOCK_TIMEOUT_S if timeout_s is None else timeout_s
     lock = FileLock(str(Path(root) / LOCK_NAME), timeout=timeout_s)
     try:
         lock.acquire()
     except Timeout:
         raise ManifestError(f"another trt-exit command has been writing "
-                            f"{Path(root) / MANIFEST_NAME} for {timeout_s:.0f} s (lock {Path(root) / LOCK_NAME}); wait for it "
-                            f"to finish and try again") from None
+                            f"{Path(root) / MANIFEST_NAME} for {timeout_s:g} s (lock "
+                            f"{Path(root) / LOCK_NAME}); wait for it to finish and try "
+                            f"again") from None
     except OSError as exc:
         raise OutputError(f"cannot lock {Path(root) / MANIFEST_NAME} for writing ({exc.strerror}); "
                           f"the model directory must be writable") from exc

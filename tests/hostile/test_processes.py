@@ -158,3 +158,26 @@ def test_a_killed_output_writer_is_cleaned_by_the_next_write_of_that_file(tmp_pa
     assert leftover.exists() and not out.exists()
     atomic_write_text(out, "complete\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl"]
+
+
+def test_a_writer_waits_for_the_lock_then_gives_up_clearly(model, monkeypatch):
+    import trt_exit.manifest as manifest_module
+
+    code = ("import sys, time\nfrom trt_exit.manifest import manifest_lock\n"
+            "with manifest_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(model)], env=_env(),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        monkeypatch.setattr(manifest_module, "LOCK_TIMEOUT_S", 0.3)
+        manifest = Manifest.load(model)  # readers take no lock
+        manifest.export["late"] = True
+        before = (model / MANIFEST_NAME).read_bytes()
+        with pytest.raises(manifest_module.ManifestError, match="another trt-exit command"):
+            manifest.save()
+        assert (model / MANIFEST_NAME).read_bytes() == before
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    manifest.save()  # the kill released the lock
+    assert Manifest.load(model).export["late"] is True
