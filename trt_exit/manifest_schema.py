@@ -212,7 +212,8 @@ def _exit(check: _Checker, value: Any, field: str, position: int, final: bool) -
 def _thresholds(check: _Checker, value: Any, field: str, early_exits: int) -> None:
     values = check.list(value, field)
     if len(values) != early_exits:
-        check.fail(field, f"must have {early_exits} entries (one per early exit), not {len(values)}")
+        check.fail(field, f"must have {early_exits} entries (one per early exit), not "
+                          f"{len(values)}")
     for i, threshold in enumerate(values):
         if threshold is not None:
             check.number(threshold, f"{field}[{i}]", 0.0, 1.0)

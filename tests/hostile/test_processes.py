@@ -164,7 +164,8 @@ def test_a_writer_waits_for_the_lock_then_gives_up_clearly(model, monkeypatch):
     import trt_exit.manifest as manifest_module
 
     code = ("import sys, time\nfrom trt_exit.manifest import manifest_lock\n"
-            "with manifest_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n")
+            "with manifest_lock(sys.argv[1]):\n"
+            "    print('held', flush=True)\n    time.sleep(120)\n")
     holder = subprocess.Popen([sys.executable, "-c", code, str(model)], env=_env(),
                               stdout=subprocess.PIPE, text=True)
     try:
