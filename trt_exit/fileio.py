@@ -339,10 +339,12 @@ def check_output_dir(folder: str | os.PathLike, what: str, create: bool = False)
     else:  # access() trusts root and permission bits; creating a file is the real test
         try:
             fd, probe = tempfile.mkstemp(prefix=".trt-exit-probe.", suffix=".tmp", dir=folder)
-            os.close(fd)
-            os.unlink(probe)
         except OSError as exc:
             reason = exc.strerror or str(exc)
+        else:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):  # a concurrent clean-up may be first
+                os.unlink(probe)
     if reason:
         raise OutputError(f"{what}: cannot write in {folder} ({reason}); choose a writable "
                           f"location")
