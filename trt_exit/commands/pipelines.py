@@ -190,7 +190,7 @@ def _check_outputs(args: argparse.Namespace, manifest) -> None:
     for uri in args.output or []:
         path = local_path(uri)
         if path is not None:
-            check_output_file(path, f"output {uri}", models=[manifest], inputs=inputs)
+            check_output_file(path, "output", models=[manifest], inputs=inputs)
     if args.summary:
         check_output_file(args.summary, "--summary", models=[manifest], inputs=inputs)
 
