@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"peak RSS {row['peak_rss_mb']:7.1f} MB", flush=True)
             x.unlink()
             out.unlink()
-    from trt_exit.runtime.executor import DEFAULT_CHUNK
+    from trt_exit.runtime import DEFAULT_CHUNK
 
     report = {"benchmark": "trt-exit run on N samples (issue 12, item 9)",
               "model": "multi_exit_vit_tiny_test, digits, onnxruntime fp32, 1 thread, tuned "

@@ -11,10 +11,9 @@ from pathlib import Path
 from trt_exit.commands.options import COUNT, NON_NEGATIVE, POSITIVE, SEED, THREADS, number
 from trt_exit.errors import ConfigError
 from trt_exit.fileio import check_input_file, check_output_dir, check_output_file
+from trt_exit.runtime import DEFAULT_CHUNK
 
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
-#: Keep in step with trt_exit.runtime.executor.DEFAULT_CHUNK (not imported: --help stays light).
-DEFAULT_CHUNK = 1024
 PRECISIONS = ("fp32", "fp16", "int8")
 
 

@@ -1,1 +1,5 @@
 """Runtime: backends, executor, policies and threshold tuning."""
+
+#: Samples per executor run when a large input is run in chunks (``trt-exit run --chunk``,
+#: ``Executor.run_chunks``). Here, not in the executor, so the CLI's help imports no numpy.
+DEFAULT_CHUNK = 1024

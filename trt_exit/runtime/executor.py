@@ -23,6 +23,7 @@ from trt_exit import tensor_names as tn
 from trt_exit.errors import ConfigError, InputError, StageError, TrtExitError
 from trt_exit.manifest import Manifest
 from trt_exit.profiling.nvtx import nvtx_range
+from trt_exit.runtime import DEFAULT_CHUNK
 from trt_exit.runtime.backends.base import Backend, StageRunner
 from trt_exit.runtime.policies import (
     AllExitsPolicy,
@@ -209,10 +210,6 @@ def run_stage(runner: StageRunner, values: dict[str, Any], backend: str) -> dict
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise StageError(f"stage {runner.name} failed on the {backend} backend: "
                          f"{type(exc).__name__}: {message}") from exc
-
-
-#: Samples per executor run when a large input is run in chunks (``trt-exit run --chunk``).
-DEFAULT_CHUNK = 1024
 
 
 class Executor:
