@@ -55,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     try:  # Ctrl-C while the command modules import (torch, numpy): no traceback
         parser = build_parser()
         args = parser.parse_args(argv)
+    except Exception as exc:
+        if not interrupted(exc):
+            raise
+        print("trt-exit: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("trt-exit: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -65,12 +70,30 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     try:
         return int(args.func(args) or 0)
-    except TrtExitError as exc:
+    except Exception as exc:
+        if interrupted(exc):
+            print(f"trt-exit {args.command}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        if not isinstance(exc, TrtExitError):
+            raise
         print(f"trt-exit {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"trt-exit {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from a Ctrl-C: a library may turn the KeyboardInterrupt into its own
+    error (a C extension interrupted while it initializes raises ``ImportError: initialization
+    failed``), which then carries the KeyboardInterrupt as its cause or context."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def entrypoint() -> None:

@@ -82,3 +82,19 @@ def test_ctrl_c_in_the_first_moments_prints_no_traceback(model, sample_file, del
     # 130: interrupted; 0: it finished first; -SIGINT: the signal came during the interpreter's
     # shutdown, after the command (Python restores the default handler there): no traceback.
     assert proc.returncode in (0, 130, -signal.SIGINT), err
+
+
+def test_an_interrupt_a_library_turned_into_its_own_error_is_an_interrupt(monkeypatch, capsys,
+                                                                         model, sample_file):
+    """Ctrl-C while a C extension initializes surfaces as `ImportError: initialization failed`
+    with the KeyboardInterrupt as its context (seen with onnxruntime)."""
+    import trt_exit.commands.spine as spine
+
+    def load(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise ImportError("initialization failed")  # noqa: B904 - what the library does
+    monkeypatch.setattr(spine, "_load_manifest", load)
+    status, err = cli(capsys, "run", model, "--input", sample_file)
+    assert status == 130 and err.strip() == "trt-exit run: interrupted"
