@@ -328,7 +328,8 @@ def register(subparsers) -> None:
     byo.add_argument("--data", metavar="URI", help="imagefolder://DIR (class folders, or train/ "
                                                    "val/ test/ of them) or imagefolder://FILE.csv")
     byo.add_argument("--input-size", metavar="C,H,W", help="input size (default: the backbone's)")
-    byo.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images")
+    byo.add_argument("--workers", type=NON_NEGATIVE, default=2,
+                     help="DataLoader workers decoding images (0: in the main process)")
     byo.add_argument("--resume", action="store_true",
                      help="continue OUT.partial (an interrupted run) after its last epoch")
     p.set_defaults(func=_train)
