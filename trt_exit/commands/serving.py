@@ -7,6 +7,9 @@ import argparse
 import signal
 import threading
 
+from trt_exit.commands.options import COUNT, NON_NEGATIVE, integer
+
+PORT = integer(1, 65535)
 from trt_exit.commands.pipelines import add_backend_options
 
 POLICY_HELP = "thresholds (default: the tuned ones), thresholds:T0,T1,..., fixed:K, deadline:MS"
@@ -68,13 +71,13 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     group.add_argument("--policy", help=POLICY_HELP)
     group.add_argument("--model-name", help="name clients use (default: the manifest's)")
     group = p.add_argument_group("batching")
-    group.add_argument("--max-batch", type=int,
+    group.add_argument("--max-batch", type=COUNT,
                        help="largest batch the server forms (default: the engines' profile, "
                             "else 16)")
-    group.add_argument("--max-queue-delay-us", type=int, default=1000,
+    group.add_argument("--max-queue-delay-us", type=NON_NEGATIVE, default=1000,
                        help="how long a request may wait for others to join its batch "
                             "(default 1000 us)")
-    group.add_argument("--instances", type=int, default=1,
+    group.add_argument("--instances", type=COUNT, default=1,
                        help="model instances running batches in parallel (default 1)")
 
 
@@ -96,11 +99,11 @@ def register(subparsers) -> None:
     group.add_argument("--address", default="127.0.0.1",
                        help="address to listen on (default 127.0.0.1, this machine only; "
                             "0.0.0.0 for every interface)")
-    group.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")
-    group.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
-    group.add_argument("--metrics-port", type=int, default=8002,
+    group.add_argument("--http-port", type=PORT, default=8000, help="HTTP port (default 8000)")
+    group.add_argument("--grpc-port", type=PORT, default=8001, help="gRPC port (default 8001)")
+    group.add_argument("--metrics-port", type=PORT, default=8002,
                        help="Prometheus metrics port (default 8002)")
-    group.add_argument("--exit-timeout-s", type=int, default=5,
+    group.add_argument("--exit-timeout-s", type=NON_NEGATIVE, default=5,
                        help="on stop, how long to wait for requests in flight (default 5)")
     group.add_argument("--log-file", help="write tritonserver's log here instead of the console")
     p.set_defaults(func=_serve)
