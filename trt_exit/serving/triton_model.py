@@ -18,12 +18,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import triton_python_backend_utils as pb_utils  # only inside Triton's Python-backend stub
-
 from trt_exit.serving.model_io import exit_counts, run_requests, served_inputs
 
 #: The custom metric (a counter per model and exit).
 EXIT_METRIC = "trt_exit_exit_samples_total"
+
+
+def _pb_utils():
+    """Triton's ``triton_python_backend_utils``: it exists only inside the Python-backend stub,
+    so it is imported when Triton calls the model, not when this module is imported."""
+    try:
+        import triton_python_backend_utils
+    except ImportError as exc:
+        from trt_exit.errors import ConfigError
+
+        raise ConfigError("trt_exit.serving.triton_model runs inside tritonserver's Python "
+                          "backend only; start the repository with tritonserver") from exc
+    return triton_python_backend_utils
 
 
 class TritonPythonModel:
@@ -55,6 +66,7 @@ class TritonPythonModel:
                                           int(params.get("threads", 1)), max_batch=max_batch)
         self.input_names = [io.name for io in served_inputs(self.manifest)]
         # The family must outlive its metrics (Triton refuses to update orphaned metrics).
+        pb_utils = _pb_utils()
         self.exit_family = family = pb_utils.MetricFamily(
             name=EXIT_METRIC, description="samples answered at each exit of a trt_exit model",
             kind=pb_utils.MetricFamily.COUNTER)
@@ -62,6 +74,7 @@ class TritonPythonModel:
                               for k in range(self.manifest.num_exits)]
 
     def execute(self, requests):
+        pb_utils = _pb_utils()
         inputs = [{name: pb_utils.get_input_tensor_by_name(request, name).as_numpy()
                    for name in self.input_names} for request in requests]
         answers = run_requests(self.executor, inputs)
