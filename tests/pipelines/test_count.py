@@ -23,15 +23,6 @@ FIELDS = {"frame", "timestamp_s", "count", "exit", "num_exits", "confidence", "l
           "pipeline_latency_ms", "fps", "true_count", "audio_missing_ms"}
 
 
-@pytest.fixture(scope="session")
-def av_model(tmp_path_factory):
-    """The experiments' tiny trained audiovisual crowd model (exported, tuned)."""
-    from trt_exit.experiments.av_crowd import build_tiny_av_export
-
-    out = tmp_path_factory.mktemp("av_model")
-    return build_tiny_av_export(out, seed=0).root
-
-
 def read_jsonl(path) -> list[dict]:
     lines = path.read_text().splitlines()
     return [json.loads(line) for line in lines]  # every line must be valid JSON

@@ -87,7 +87,7 @@ def test_video_file_has_every_frame_with_the_overlay(tmp_path):
 def test_overlay_text_and_rgb_input():
     r = result(2, true_count=14.0, audio_missing_ms=250.0)
     lines = overlay_lines(r)
-    assert lines[0] == "count 14.5  (true 14)" and lines[1].startswith("exit 3/3")
+    assert lines[0] == "count 14.5  (true 14)" and lines[1].startswith("exit 2/2")
     assert "29.7 FPS" in lines[2] and "audio missing 250 ms" in lines[3]
     rgb = np.zeros((720, 1280, 3), np.uint8)
     rgb[..., 0] = 200  # red in RGB

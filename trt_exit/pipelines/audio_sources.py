@@ -366,6 +366,14 @@ class SoundDeviceAudioSource(AudioSource):
     def _device(self, sd) -> int | str | None:
         location = self.uri.location
         if self.uri.scheme == "mic" and location in ("", "default"):
+            try:
+                sd.query_devices(kind="input")
+            except sd.PortAudioError as exc:
+                raise SourceError(
+                    f"{self.uri}: PortAudio has no default input ({exc}): connect a microphone "
+                    f"(arecord -l lists them; in a container pass --device /dev/snd), or where "
+                    f"ALSA's default goes through PulseAudio check that it runs (pactl info) "
+                    f"and PULSE_SERVER") from None
             return None
         if location.isdigit():
             return int(location)
@@ -378,7 +386,9 @@ class SoundDeviceAudioSource(AudioSource):
             if location in name:
                 return index
         listing = "; ".join(f"{i}: {n}" for i, n in inputs) or "none"
-        raise SourceError(f"{self.uri}: no input device matching {location!r} (inputs: "
+        hint = (" (ALSA's pulse device: is PulseAudio running? pactl info; PULSE_SERVER)"
+                if "pulse" in location else "")
+        raise SourceError(f"{self.uri}: no input device matching {location!r}{hint} (inputs: "
                           f"{listing}); list them with python -m sounddevice or arecord -l")
 
     def _pick_rate(self, sd, device, preferred_rate: int) -> int:
@@ -402,12 +412,24 @@ class SoundDeviceAudioSource(AudioSource):
                           f"{self.uri.without_options()}?rate=48000 (arecord --dump-hw-params "
                           f"-D {self.uri.location} lists them)")
 
+    @staticmethod
+    def _refresh_devices(sd) -> None:
+        """Makes PortAudio list the devices again. PortAudio enumerates them once, when it
+        starts: a microphone plugged in (or a sound server started) later is invisible until
+        then. Only called while this source has no stream open."""
+        sd._terminate()
+        sd._initialize()
+
     def open(self, clock: SessionClock, preferred_rate: int) -> None:
         sd = import_sounddevice()
         self._sd = sd
         self._clock = clock
         self._preferred_rate = preferred_rate
-        device = self._device(sd)
+        try:
+            device = self._device(sd)
+        except SourceError:
+            self._refresh_devices(sd)  # it may have appeared since PortAudio started
+            device = self._device(sd)
         rate = self._pick_rate(sd, device, preferred_rate)
         if rate != preferred_rate:
             log.info("%s: capturing at %d Hz, resampled to the model's %d Hz", self.uri, rate,
@@ -458,8 +480,9 @@ class SoundDeviceAudioSource(AudioSource):
             return
         self._close_stream()
         try:
+            self._refresh_devices(self._sd)  # a replugged device has a new PortAudio index
             self.open(self._clock, self._preferred_rate)
-        except SourceError as exc:
+        except (SourceError, self._sd.PortAudioError) as exc:
             delay = next(self._delays, None)
             self._retry_at_s = now_s + (delay if delay is not None else float("inf"))
             log.debug("%s: reopen failed: %s", self.uri, exc)

@@ -482,7 +482,7 @@ class CrowdCounter:
 
     def _status_text(self, result: FrameResult) -> str:
         text = (f"frame {result.frame:6d} | count {result.count:6.1f} | exit "
-                f"{result.exit + 1}/{result.num_exits} | {result.latency_ms:6.2f} ms | "
+                f"{result.exit}/{result.num_exits - 1} | {result.latency_ms:6.2f} ms | "
                 f"{result.fps:5.1f} FPS | dropped {self.capture.dropped}")
         if result.audio_missing_ms > 0:
             text += f" | audio missing {result.audio_missing_ms:.0f} ms"

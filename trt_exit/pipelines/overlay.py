@@ -15,7 +15,8 @@ def overlay_lines(result: FrameResult) -> list[str]:
         count += f"  (true {result.true_count:.0f})"
     lines = [
         count,
-        f"exit {result.exit + 1}/{result.num_exits}  conf {result.confidence:.2f}",
+        # 0-based like the JSONL records, the summary and the API: "exit 2/2" is the final head.
+        f"exit {result.exit}/{result.num_exits - 1}  conf {result.confidence:.2f}",
         f"{result.latency_ms:.1f} ms  {result.fps:.1f} FPS",
     ]
     if result.audio_missing_ms > 0:

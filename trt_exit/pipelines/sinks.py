@@ -12,8 +12,10 @@ URI                        what
 =========================  ===========================================================
 
 Options: ``fps`` (video files and streams; default the source's), ``bitrate`` (kbit/s),
-``encoder`` (``x264enc`` or ``nvv4l2h264enc``, the default on a Jetson), ``fsync`` (JSONL:
-also fsync every line, for power loss rather than a crash).
+``encoder`` (``x264enc`` or ``nvv4l2h264enc``; the default is ``nvv4l2h264enc`` on a Jetson
+with a hardware encoder, ``/dev/v4l2-nvenc``, and ``x264enc`` elsewhere, Orin Nano included),
+``fsync`` (JSONL: also fsync every line, for power loss rather than a crash). On ``rtsp://`` and
+``rtp://`` these three are taken out of the query string; the rest of it goes to the server.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import logging
 import math
 import os
+import urllib.parse
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -32,10 +35,13 @@ from trt_exit.errors import ConfigError
 from trt_exit.pipelines.base import Frame, SourceError
 from trt_exit.pipelines.opencv_support import (
     GSTREAMER_FIX,
+    choose_h264_encoder,
     gstreamer_available,
     gui_available,
     h264_output_pipeline,
     import_cv2,
+    missing_elements_message,
+    probe_rtsp_server,
 )
 from trt_exit.pipelines.uri import ResourceURI, parse_uri
 
@@ -217,19 +223,36 @@ class StreamSink(_VideoWriterSink):
     """``rtsp://`` (publish to an RTSP server, e.g. mediamtx) or ``rtp://host:port`` (UDP):
     H.264 through GStreamer."""
 
+    OWN_OPTIONS = ("fps", "bitrate", "encoder")
+    ENCODERS = ("x264enc", "nvv4l2h264enc")
+
     def __init__(self, uri: ResourceURI):
+        # Network URIs keep their query string verbatim: take this sink's options out of it.
+        base, _, query = uri.uri.partition("?")
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        own = {k: v for k, v in pairs if k in self.OWN_OPTIONS}
+        rest = urllib.parse.urlencode([(k, v) for k, v in pairs if k not in self.OWN_OPTIONS])
+        uri = ResourceURI(uri.uri, uri.scheme, uri.location, own)
         super().__init__(uri)
+        self.target = base + ("?" + rest if rest else "")
         if not gstreamer_available():
             raise ConfigError(f"{uri}: streaming output is a GStreamer pipeline. {GSTREAMER_FIX}")
         from trt_exit.profiling.jetson import is_jetson
 
         self.bitrate_kbps = int(uri.float_option("bitrate", 4000))
-        self.encoder = uri.option("encoder") or ("nvv4l2h264enc" if is_jetson() else "x264enc")
+        self.encoder = uri.option("encoder") or choose_h264_encoder(is_jetson())
+        if self.encoder not in self.ENCODERS:
+            raise ConfigError(f"{uri}: encoder={self.encoder} is not one of "
+                              f"{', '.join(self.ENCODERS)}")
 
     def _open_writer(self, width: int, height: int):
         cv2 = self._cv2
-        target = self.uri.uri
-        pipeline = h264_output_pipeline(target, self.fps, self.bitrate_kbps, self.encoder)
+        if self.uri.scheme == "rtsp":
+            probe_rtsp_server(self.target)
+        pipeline = h264_output_pipeline(self.target, self.fps, self.bitrate_kbps, self.encoder)
+        missing = missing_elements_message(pipeline)
+        if missing:
+            raise SourceError(f"{self.uri}: {missing}")
         writer = cv2.VideoWriter(pipeline, cv2.CAP_GSTREAMER, 0, self.fps, (width, height))
         if not writer.isOpened():
             raise SourceError(f"{self.uri}: cannot open the GStreamer output pipeline "

@@ -3,10 +3,12 @@
 =====================  ========  =============================================================
 URI                    live      how
 =====================  ========  =============================================================
-``csi://0``            yes       GStreamer ``nvarguscamerasrc`` through OpenCV (needs GStreamer)
+``csi://0``            yes       GStreamer ``nvarguscamerasrc`` through OpenCV (needs GStreamer);
+                                 ``?source=videotestsrc``: its software twin, a test pattern
 ``v4l2:///dev/video0`` yes       OpenCV's V4L2 backend
 ``rtsp://...``         yes       OpenCV (GStreamer ``rtspsrc`` when available, else FFmpeg)
-``file://clip.mp4``    no        OpenCV (FFmpeg); a plain path works too
+``file://clip.mp4``    no        OpenCV (FFmpeg); a plain path works too; ``?api=gstreamer``:
+                                 GStreamer's ``decodebin`` (hardware decoders on a Jetson)
 ``file://frames/``     no        every image in the folder, sorted by name
 ``synthetic://crowd``  no        :class:`~trt_exit.training.crowd_synth.SyntheticCrowdStream`
 =====================  ========  =============================================================
@@ -14,7 +16,12 @@ URI                    live      how
 Options (query string, or the ``count`` command's ``--input-*`` flags): ``width``, ``height``,
 ``fps`` (capture mode of cameras; the frame rate of image folders and of the synthetic scene),
 ``flip`` (CSI ``nvvidconv`` flip-method), ``loop`` (files: start again at the end), ``seed``
-(synthetic scene).
+(synthetic scene), ``source`` (CSI: ``nvarguscamerasrc`` or ``videotestsrc``), ``api`` (files:
+``ffmpeg``, the default, or ``gstreamer``).
+
+Opening is bounded: an RTSP address that refuses is reported at once (a TCP probe before
+GStreamer is involved), and an OpenCV open that does not return within :attr:`OpenCVSource.
+open_timeout_s` (a pipeline that never prerolls) is an error, not a hang.
 
 Live sources are read by a :class:`CaptureThread` into a drop-oldest :class:`FrameQueue`, so the
 main loop always gets the newest frame; when a live source stops delivering, the thread
@@ -37,10 +44,14 @@ import numpy as np
 from trt_exit.errors import ConfigError
 from trt_exit.pipelines.base import Backoff, Frame, SessionClock, SourceError, SourceLost
 from trt_exit.pipelines.opencv_support import (
+    CAMERA_SOURCES,
     GSTREAMER_FIX,
     csi_pipeline,
+    file_input_pipeline,
     gstreamer_available,
     import_cv2,
+    missing_elements_message,
+    probe_rtsp_server,
     rtsp_input_pipeline,
 )
 from trt_exit.pipelines.queues import FrameQueue, QueueClosed
@@ -186,8 +197,15 @@ class OpenCVSource(VideoSource):
 
     ``csi://N`` needs OpenCV with GStreamer; ``v4l2://`` uses OpenCV's V4L2 backend; ``rtsp://``
     uses GStreamer when this OpenCV has it (lower latency, hardware decode on Jetson) and FFmpeg
-    otherwise; files use FFmpeg.
+    otherwise; files use FFmpeg (``?api=gstreamer``: GStreamer).
+
+    Attributes:
+        open_timeout_s: How long an open may take before it counts as failed (a GStreamer
+            pipeline that never prerolls); the stuck call is left to a daemon thread.
     """
+
+    open_timeout_s = 20.0
+    API_CHOICES = ("ffmpeg", "gstreamer")
 
     def __init__(self, uri: ResourceURI):
         super().__init__(uri)
@@ -197,6 +215,13 @@ class OpenCVSource(VideoSource):
         self.requested_fps = uri.float_option("fps")
         self.flip = uri.int_option("flip", 0)
         self.loop = uri.bool_option("loop", False)
+        self.camera_source = uri.option("source", "nvarguscamerasrc")
+        if uri.scheme == "csi" and self.camera_source not in CAMERA_SOURCES:
+            raise ConfigError(f"{uri}: source={self.camera_source} is not one of "
+                              f"{', '.join(CAMERA_SOURCES)}")
+        self.api = (uri.option("api", "ffmpeg") or "ffmpeg").lower()
+        if self.api not in self.API_CHOICES:
+            raise ConfigError(f"{uri}: api={self.api} is not one of {', '.join(self.API_CHOICES)}")
         self._cap = None
         self._expected_frames: int | None = None
 
@@ -213,7 +238,7 @@ class OpenCVSource(VideoSource):
             except ValueError:
                 raise ConfigError(f"{uri}: use csi://0, csi://1, ... (the sensor id)") from None
             pipeline = csi_pipeline(sensor, self.width or 1280, self.height or 720,
-                                    int(self.requested_fps or 30), self.flip)
+                                    int(self.requested_fps or 30), self.flip, self.camera_source)
             return pipeline, cv2.CAP_GSTREAMER
         if uri.scheme == "v4l2":
             location = uri.location or "/dev/video0"
@@ -226,20 +251,54 @@ class OpenCVSource(VideoSource):
                     f"docker run")
             return device, cv2.CAP_V4L2
         if uri.scheme == "rtsp":
+            probe_rtsp_server(uri.uri)
             if gstreamer_available():
                 return rtsp_input_pipeline(uri.uri), cv2.CAP_GSTREAMER
             return uri.uri, cv2.CAP_FFMPEG
         path = uri.path
         if not path.is_file():
             raise SourceError(f"{uri}: no such video file {path}")
+        if self.api == "gstreamer":
+            if not gstreamer_available():
+                raise SourceError(f"{uri}: api=gstreamer needs OpenCV with GStreamer. "
+                                  f"{GSTREAMER_FIX}")
+            return file_input_pipeline(path.resolve()), cv2.CAP_GSTREAMER
         return str(path), cv2.CAP_ANY
+
+    def _open_capture(self, cv2, target, api):
+        """``cv2.VideoCapture(target, api)``, bounded by :attr:`open_timeout_s`."""
+        done: dict[str, Any] = {}
+
+        def work():
+            try:
+                done["cap"] = cv2.VideoCapture(target, api)
+            except Exception as exc:  # noqa: BLE001 - re-raised below, in the caller's thread
+                done["error"] = exc
+
+        thread = threading.Thread(target=work, name=f"open {self.uri}", daemon=True)
+        thread.start()
+        thread.join(self.open_timeout_s)
+        if thread.is_alive():
+            what = ("the GStreamer pipeline did not preroll" if api == cv2.CAP_GSTREAMER
+                    else "OpenCV did not return")
+            raise SourceError(f"{self.uri}: opening took more than {self.open_timeout_s:.0f} s "
+                              f"({what}); check that the source delivers frames "
+                              f"(gst-launch-1.0 or ffprobe on the same address)")
+        if "error" in done:
+            raise SourceError(f"{self.uri}: OpenCV cannot open it ({done['error']})")
+        return done["cap"]
 
     def open(self, clock: SessionClock) -> None:
         self._clock = clock
         cv2 = import_cv2()
         self._cv2 = cv2
         target, api = self._capture_args(cv2)
-        cap = cv2.VideoCapture(target, api)
+        if api == cv2.CAP_GSTREAMER:
+            # Before OpenCV sees it: a pipeline naming an absent element can hang its open.
+            missing = missing_elements_message(target)
+            if missing:
+                raise SourceError(f"{self.uri}: {missing}")
+        cap = self._open_capture(cv2, target, api)
         if not cap.isOpened():
             cap.release()
             raise SourceError(self._open_failure_message())
