@@ -95,13 +95,16 @@ class Peer:
 
     def start(self, timeout_s: float = 20.0) -> "Peer":
         # The system Python packages (gi) are on sys.path in the Jetson-like venv.
-        self.process = subprocess.Popen(self.args, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True)
+        self.log = tempfile.TemporaryFile()  # not a pipe: unread, it could fill and stall
+        self.process = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=self.log,
+                                        text=True)
         deadline = time.monotonic() + timeout_s
         line = self.process.stdout.readline()  # "ready", or "" if it died
         if line.strip() != "ready" or time.monotonic() > deadline:
+            self.log.seek(0)
+            message = self.log.read()
             self.stop()
-            raise RuntimeError(f"{self.args[2]} peer did not start: {self.process.stderr.read()}")
+            raise RuntimeError(f"{self.args[2]} peer did not start: {message!r}")
         return self
 
     def stop(self) -> None:
@@ -109,8 +112,8 @@ class Peer:
             self.process.kill()
             self.process.wait(10)
         if self.process is not None:
-            for stream in (self.process.stdout, self.process.stderr):
-                stream.close()
+            self.process.stdout.close()
+            self.log.close()
 
     def values(self) -> list[float]:
         """The receivers' per-frame mean grey levels so far."""
@@ -161,11 +164,12 @@ class PulseServer:
              "--use-pid-file=no", "--log-target=stderr", "--log-level=error",
              "-L", f"module-native-protocol-unix socket={self.socket} auth-anonymous=1",
              "-L", f"module-null-sink sink_name={self.SINK} rate=48000"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            # Its log goes to a file: an unread pipe would fill up and stall the daemon.
+            env=env, stdout=subprocess.DEVNULL, stderr=self._log_file())
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"pulseaudio exited: {self.process.stderr.read()}")
+                raise RuntimeError(f"pulseaudio exited: {(self.folder / 'log').read_text()}")
             done = subprocess.run(["pactl", "--server", self.server, "info"],
                                   capture_output=True, timeout=10)
             if done.returncode == 0:
@@ -174,16 +178,20 @@ class PulseServer:
         self.stop()
         raise RuntimeError("pulseaudio did not answer within 10 s")
 
+    def _log_file(self):
+        self._log = open(self.folder / "log", "ab")
+        return self._log
+
     def play(self, wav: Path) -> subprocess.Popen:
         return subprocess.Popen(["paplay", "--server", self.server, f"--device={self.SINK}",
-                                 str(wav)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                 str(wav)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
         if self.process is not None:
-            self.process.stderr.close()
+            self._log.close()
         self.process = None
 
 

@@ -349,6 +349,9 @@ class SoundDeviceAudioSource(AudioSource):
     live = True
     #: Seconds without a block before the microphone counts as lost.
     stall_s = 1.0
+    #: Seconds an opened stream may take to deliver its first block (PulseAudio through ALSA's
+    #: pulse plugin takes 0.8 s on an idle 2-core machine) before it counts as lost.
+    start_s = 3.0
 
     def __init__(self, uri: ResourceURI, backoff: Backoff | None = None):
         super().__init__(uri)
@@ -358,6 +361,7 @@ class SoundDeviceAudioSource(AudioSource):
         self._stream = None
         self._buffer: AudioRingBuffer | None = None
         self._last_block_s = 0.0
+        self._delivering = False
         self._retry_at_s = 0.0
         self._delays = None
         self.overflows = 0
@@ -427,10 +431,13 @@ class SoundDeviceAudioSource(AudioSource):
         self._preferred_rate = preferred_rate
         try:
             device = self._device(sd)
+            rate = self._pick_rate(sd, device, preferred_rate)
         except SourceError:
-            self._refresh_devices(sd)  # it may have appeared since PortAudio started
+            # PortAudio's list may be stale: the device (or the sound server behind it) may
+            # have appeared or gone since PortAudio started.
+            self._refresh_devices(sd)
             device = self._device(sd)
-        rate = self._pick_rate(sd, device, preferred_rate)
+            rate = self._pick_rate(sd, device, preferred_rate)
         if rate != preferred_rate:
             log.info("%s: capturing at %d Hz, resampled to the model's %d Hz", self.uri, rate,
                      preferred_rate)
@@ -449,6 +456,7 @@ class SoundDeviceAudioSource(AudioSource):
                               f"connected (arecord -l), and in a container is --device "
                               f"/dev/snd passed?") from exc
         self._last_block_s = clock.now_s()
+        self._delivering = False
 
     def _callback(self, indata, frames, time_info, status) -> None:
         # Runs on PortAudio's thread: stamp the block with its capture time and store it.
@@ -458,10 +466,12 @@ class SoundDeviceAudioSource(AudioSource):
             self.overflows += 1
         self._buffer.write(indata[:, 0].copy(), now_s - latency_s)
         self._last_block_s = now_s
+        self._delivering = True
 
     def _healthy(self, now_s: float) -> bool:
         return (self._stream is not None and self._stream.active
-                and now_s - self._last_block_s < self.stall_s)
+                and now_s - self._last_block_s < (self.stall_s if self._delivering
+                                                  else self.start_s))
 
     def window(self, end_s: float, duration_s: float) -> AudioWindow:
         now_s = self._clock.now_s()
