@@ -176,7 +176,11 @@ def probe_rtsp_server(uri: str, timeout_s: float = 5.0) -> None:
 
 #: Where the GStreamer elements trt_exit uses come from (Debian/Ubuntu packages, JetPack).
 ELEMENT_PACKAGES = {
-    "nvarguscamerasrc": "JetPack's nvidia-l4t-gstreamer (a Jetson with a CSI camera)",
+    "nvarguscamerasrc": "JetPack's nvidia-l4t-gstreamer (a Jetson with a CSI camera); in a "
+                        "container whose gst-inspect-1.0 says 'libGLdispatch.so.0: cannot "
+                        "allocate memory in static TLS block', start it with -e LD_PRELOAD="
+                        "/lib/aarch64-linux-gnu/libGLdispatch.so.0 and delete "
+                        "~/.cache/gstreamer-1.0",
     "nvvidconv": "JetPack's nvidia-l4t-gstreamer",
     "nvv4l2h264enc": "JetPack's nvidia-l4t-gstreamer (no Orin Nano has a hardware encoder)",
     "x264enc": "gstreamer1.0-plugins-ugly",
