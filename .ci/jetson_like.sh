@@ -46,7 +46,15 @@ mapfile -t requirements < <("$py" - "$root/Dockerfile.jetson" <<'PY'
 import re, sys
 text = open(sys.argv[1]).read()
 block = text.split("pip install ${TORCH_INSTALL}", 1)[1].split("pip install --no-deps", 1)[0]
-print("\n".join(re.findall(r'"([^"]+)"', block)))
+requirements = re.findall(r'"([^"]+)"', block)
+# `pip install --no-deps .` follows: every runtime dependency of setup.py but torch must be here.
+setup = open(sys.argv[1].replace("Dockerfile.jetson", "setup.py")).read()
+needed = re.findall(r'"([A-Za-z0-9_.-]+)[<>=!~; ]', setup.split("install_requires=[", 1)[1].split("]", 1)[0])
+listed = {re.split(r"[<>=!~; \[]", r, maxsplit=1)[0].lower() for r in requirements}
+missing = [n for n in needed if n.lower() not in listed and n != "torch"]
+if missing:
+    sys.exit(f"Dockerfile.jetson's pip line lacks setup.py's {', '.join(missing)}")
+print("\n".join(requirements))
 PY
 )
 [ "${#requirements[@]}" -ge 5 ] || { echo "cannot read the pip line of Dockerfile.jetson"; exit 1; }
