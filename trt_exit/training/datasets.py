@@ -25,6 +25,8 @@ class Dataset:
         task: ``"classification"`` or ``"regression"``.
         name: Dataset and split, e.g. ``"digits/test"``.
         info: Provenance (source, split rule, seed) recorded in manifests and reports.
+        meta: Per-sample annotations by name, each (N,), e.g. digits-C's ``severity``
+            (sliced with the samples, not recorded in manifests).
     """
 
     inputs: dict[str, np.ndarray]
@@ -32,14 +34,16 @@ class Dataset:
     task: str
     name: str
     info: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for key, value in self.inputs.items():
-            if len(value) != len(self.targets):
-                raise ConfigError(
-                    f"{self.name}: input {key!r} has {len(value)} samples but there are "
-                    f"{len(self.targets)} targets"
-                )
+        for kind, arrays in (("input", self.inputs), ("meta", self.meta)):
+            for key, value in arrays.items():
+                if len(value) != len(self.targets):
+                    raise ConfigError(
+                        f"{self.name}: {kind} {key!r} has {len(value)} samples but there are "
+                        f"{len(self.targets)} targets"
+                    )
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -52,6 +56,7 @@ class Dataset:
             task=self.task,
             name=name or self.name,
             info=dict(self.info),
+            meta={k: v[indices] for k, v in self.meta.items()},
         )
 
 
@@ -67,6 +72,22 @@ def digits_preprocess(pixels: np.ndarray) -> np.ndarray:
     return (x / 16.0 - 0.5) / 0.5
 
 
+def digits_pixel_splits(seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The raw digits split as for :func:`load_digits`: ``(pixels, labels)`` by split name,
+    pixels (N, 8, 8) float64 with values 0..16, labels (N,) int64, rows in dataset order."""
+    from sklearn.datasets import load_digits as sk_load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = sk_load_digits()
+    labels = digits.target.astype(np.int64)
+    indices = np.arange(len(labels))
+    rest, test = train_test_split(indices, test_size=0.2, stratify=labels, random_state=seed)
+    train, val = train_test_split(rest, test_size=0.25, stratify=labels[rest], random_state=seed)
+    rows = {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+    return ({name: digits.images[idx] for name, idx in rows.items()},
+            {name: labels[idx] for name, idx in rows.items()})
+
+
 def load_digits(seed: int = 0) -> dict[str, Dataset]:
     """scikit-learn's 1,797 real 8x8 handwritten digits, split into train / val / test.
 
@@ -76,20 +97,12 @@ def load_digits(seed: int = 0) -> dict[str, Dataset]:
     Returns:
         ``{"train": ..., "val": ..., "test": ...}`` with 1,077 / 360 / 360 samples for seed 0.
     """
-    from sklearn.datasets import load_digits as sk_load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = sk_load_digits()
-    images = digits_preprocess(digits.images)
-    labels = digits.target.astype(np.int64)
-    indices = np.arange(len(labels))
-    rest, test = train_test_split(indices, test_size=0.2, stratify=labels, random_state=seed)
-    train, val = train_test_split(rest, test_size=0.25, stratify=labels[rest], random_state=seed)
+    pixels, labels = digits_pixel_splits(seed)
     info = {"source": "sklearn.datasets.load_digits", "split": DIGITS_SPLIT_RULE, "seed": seed}
-    full = Dataset({tn.IMAGE: images}, labels, "classification", "digits", info)
     return {
-        name: full.subset(np.sort(idx), name=f"digits/{name}")
-        for name, idx in (("train", train), ("val", val), ("test", test))
+        name: Dataset({tn.IMAGE: digits_preprocess(pixels[name])}, labels[name], "classification",
+                      f"digits/{name}", dict(info))
+        for name in ("train", "val", "test")
     }
 
 
