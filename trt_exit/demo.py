@@ -6,15 +6,25 @@ It chains the steps of :mod:`trt_exit.workflow` and adds the FP16 / INT8 compari
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from trt_exit.errors import ConfigError
 from trt_exit.fileio import atomic_write_json
 from trt_exit.training.config import DEMO_TRAIN, TrainConfig
-from trt_exit.workflow import CHECKPOINT_NAME, REPORT_NAME, evaluate_step, export_step, train_step, tune_step
+from trt_exit.workflow import (
+    CHECKPOINT_NAME,
+    REPORT_NAME,
+    evaluate_step,
+    export_step,
+    train_step,
+    tune_step,
+)
 from trt_exit.workflow_precision import precision_report
 
 
@@ -29,6 +39,8 @@ class DemoConfig:
         dataset_options: Keyword options of the dataset loader (e.g. a directory).
         seed: Seed of the split, the initialization and training.
         train: Training recipe.
+        checkpoint: A trained checkpoint to evaluate instead of training (e.g. an earlier demo's
+            ``checkpoint.safetensors``); it must record the same dataset and seed.
         backend: Backend that runs the stages.
         precision: Precision of the evaluated graphs.
         max_accuracy_drop_points: Tuning floor: accuracy points allowed below the final exit.
@@ -42,19 +54,60 @@ class DemoConfig:
     dataset_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     train: TrainConfig = field(default_factory=lambda: dataclasses.replace(DEMO_TRAIN))
+    checkpoint: str | None = None
     backend: str = "onnxruntime"
     precision: str = "fp32"
     max_accuracy_drop_points: float = 0.5
-    latency_passes: int = 3
-    profile_repeats: int = 200
+    latency_passes: int = 1
+    profile_repeats: int = 50
 
+
+class _Phases:
+    """Wall time per phase of the demo, printed as each phase ends."""
+
+    def __init__(self, say: Callable[[str], None]):
+        self.seconds: dict[str, float] = {}
+        self._say = say
+        self._began = time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - start
+        self._say(f"[demo] {name}: {self.seconds[name]:.1f} s "
+                  f"(total {time.perf_counter() - self._began:.1f} s)")
+
+
+def _trained_model(config: DemoConfig, out_dir: Path, progress: bool):
+    """``(model, splits, training record)``: trained now, or loaded from ``config.checkpoint``."""
+    from trt_exit.models.checkpoint import load_checkpoint, read_metadata
+    from trt_exit.workflow import load_splits
+
+    if config.checkpoint is None:
+        net, splits, history = train_step(out_dir, config.model, config.dataset, config.train,
+                                          config.dataset_options, progress, config.exits)
+        return net, splits, {"regime": config.train.regime, "epochs": config.train.epochs,
+                             "seconds": history.seconds, "seed": config.seed}
+    extra = read_metadata(config.checkpoint)["extra"]
+    recorded = extra.get("dataset") or {}
+    if (recorded.get("name"), recorded.get("seed")) != (config.dataset, config.seed):
+        raise ConfigError(
+            f"{config.checkpoint} was trained on dataset {recorded.get('name')!r} with seed "
+            f"{recorded.get('seed')!r}, not {config.dataset!r} with seed {config.seed}: pass "
+            f"the matching --seed, or train anew without --checkpoint")
+    net = load_checkpoint(config.checkpoint)
+    splits = load_splits(config.dataset, config.seed, recorded.get("options") or config.dataset_options)
+    train = extra.get("train") or {}
+    return net, splits, {"regime": train.get("regime"), "epochs": train.get("epochs"),
+                         "seconds": extra.get("seconds"), "seed": config.seed,
+                         "reused_checkpoint": str(config.checkpoint)}
 
 
 def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None,
-             progress: bool = True) -> dict[str, Any]:
-    """Trains, exports, tunes and evaluates; writes ``report.json`` and returns the report."""
-    import time
-
+             progress: bool = True, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Trains (or loads a checkpoint), exports, tunes and evaluates in FP32, FP16 and INT8;
+    writes ``report.json`` and returns the report. ``say`` gets one line per finished phase."""
     from trt_exit.profiling.environment import machine_info
     from trt_exit.training.trainer import evaluate
 
@@ -63,25 +116,29 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
-    net, splits, history = train_step(out_dir, config.model, config.dataset, config.train,
-                                      config.dataset_options, progress, config.exits)
-    torch_metrics = evaluate(net, splits["test"])
+    phase = _Phases(say)
+    with phase("train" if config.checkpoint is None else "load checkpoint"):
+        net, splits, training = _trained_model(config, out_dir, progress)
+        torch_metrics = evaluate(net, splits["test"])
     dataset_info = {"name": config.dataset, "seed": config.seed, "options": config.dataset_options,
                     **splits["test"].info}
-    manifest = export_step(net, out_dir, splits, dataset_info)
+    with phase("export"):
+        manifest = export_step(net, out_dir, splits, dataset_info, checkpoint=config.checkpoint)
     task = manifest.task
     max_loss = config.max_accuracy_drop_points / 100 if task == "classification" else None
-    manifest = tune_step(manifest, splits["val"], config.backend, config.precision, max_loss,
-                         config.profile_repeats)
-    report = evaluate_step(manifest, splits["test"], config.backend, config.precision,
-                           config.latency_passes)
-    report["precisions"] = precision_report(manifest, splits, report, config.backend, max_loss,
-                                            config.seed)
+    with phase("tune"):
+        manifest = tune_step(manifest, splits["val"], config.backend, config.precision, max_loss,
+                             config.profile_repeats)
+    with phase("evaluate"):
+        report = evaluate_step(manifest, splits["test"], config.backend, config.precision,
+                               config.latency_passes)
+    with phase("fp16 and int8"):
+        report["precisions"] = precision_report(manifest, splits, report, config.backend,
+                                                max_loss, config.seed)
     report.update({
         "torch_test_metrics": torch_metrics,
         "parity_max_abs_diff": manifest.parity["fp32"]["max_output_diff"],
-        "training": {"regime": config.train.regime, "epochs": config.train.epochs,
-                     "seconds": history.seconds, "seed": config.seed},
+        "training": training,
         "dataset": dataset_info,
         "tuning": {"split": splits["val"].name,
                    "max_accuracy_drop_points": config.max_accuracy_drop_points,
@@ -90,6 +147,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None,
         "artifacts": {"manifest": "manifest.json", "checkpoint": CHECKPOINT_NAME,
                       "onnx": sorted(str(Path(s.onnx["fp32"].path)) for s in manifest.stages)},
         "machine": machine_info(),
+        "phase_seconds": phase.seconds,
         "seconds": time.perf_counter() - began,
     })
     atomic_write_json(out_dir / REPORT_NAME, report)

@@ -3,7 +3,9 @@
 * ``--dataset digits`` (default): exit families x exit positions, CopycatSL-ViT against SL-ViT
   and SL-ViT on a CNN backbone (:mod:`trt_exit.experiments.exit_families`);
 * ``--dataset synthetic_av_crowd``: audiovisual crowd counting
-  (:mod:`trt_exit.experiments.av_crowd`).
+  (:mod:`trt_exit.experiments.av_crowd`);
+* ``--dataset digits_c`` (or ``--experiment pareto --dataset digits,digits_c``): early exit
+  against static models of the same latency and FLOPs (:mod:`trt_exit.experiments.pareto`).
 """
 
 from __future__ import annotations
@@ -12,17 +14,31 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from trt_exit.commands.options import SEED, THREADS
+from trt_exit.commands.options import COUNT, SEED, THREADS
 from trt_exit.errors import ConfigError
 
 AV_CROWD = "synthetic_av_crowd"
 AV_MODULE = "trt_exit.experiments.av_crowd"
+EXPERIMENTS = ("families", "av_crowd", "pareto")
+
+
+def _experiment_of(args: argparse.Namespace) -> str:
+    """The experiment to run: ``--experiment``, else the one the dataset implies."""
+    if args.experiment:
+        return args.experiment
+    if args.dataset == AV_CROWD:
+        return "av_crowd"
+    return "pareto" if "digits_c" in args.dataset.split(",") else "families"
 
 
 def _command_line(args: argparse.Namespace) -> str:
     """The command that reproduces this run."""
     parts = ["trt-exit", "experiment", "--out", str(args.out), "--dataset", args.dataset,
              "--seed", str(args.seed)]
+    if args.experiment:
+        parts += ["--experiment", args.experiment]
+    if getattr(args, "epochs", None) is not None:
+        parts += ["--epochs", str(args.epochs)]
     if args.quick:
         parts.append("--quick")
     if args.families:
@@ -70,9 +86,29 @@ def _filter_families(config, families: str):
     return config
 
 
+def _run_pareto(args: argparse.Namespace) -> int:
+    from trt_exit.experiments.pareto import ParetoConfig, quick_config, run_pareto
+
+    if args.families:
+        raise ConfigError("--families belongs to the exit-family experiment, not to pareto")
+    datasets = tuple(d.strip() for d in args.dataset.split(",") if d.strip())
+    config = quick_config(args.seed) if args.quick else ParetoConfig(seed=args.seed)
+    config = dataclasses.replace(config, datasets=datasets, num_threads=args.threads)
+    if args.epochs is not None:
+        config.train = dataclasses.replace(config.train, epochs=args.epochs)
+    run_pareto(args.out, config, command=_command_line(args))
+    print(f"wrote the comparison to {args.out} (results.json, RESULTS.md, plots)")
+    return 0
+
+
 def _experiment(args: argparse.Namespace) -> int:
-    if args.dataset == AV_CROWD:
+    experiment = _experiment_of(args)
+    if experiment == "av_crowd":
         return _run_av(args)
+    if experiment == "pareto":
+        return _run_pareto(args)
+    if args.epochs is not None:
+        raise ConfigError("--epochs applies to the pareto experiment only")
     from trt_exit.experiments.exit_families import (
         ExperimentConfig,
         quick_config,
@@ -99,10 +135,18 @@ def register(subparsers) -> None:
                     "every block (backbone frozen), and reports test accuracy, parameters and "
                     "FLOPs per family and position, CopycatSL-ViT against SL-ViT, and a "
                     "several-seed comparison at the first exit. With --dataset "
-                    f"{AV_CROWD}: the audiovisual crowd-counting experiment.")
+                    f"{AV_CROWD}: the audiovisual crowd-counting experiment. With --dataset "
+                    "digits_c (or --experiment pareto): the multi-exit model's operating points "
+                    "against static models truncated to k blocks, accuracy vs latency and FLOPs.")
     p.add_argument("--out", required=True, help="output directory (results.json, PNG plots)")
     p.add_argument("--dataset", default="digits",
-                   help=f"digits (default) or {AV_CROWD}")
+                   help=f"digits (default) or {AV_CROWD}; digits_c, or a comma-separated list "
+                        "with --experiment pareto: early exit vs static models")
+    p.add_argument("--experiment", choices=EXPERIMENTS,
+                   help="families (exit families x positions), av_crowd, or pareto (early exit "
+                        "vs static models; default for digits_c); default: implied by --dataset")
+    p.add_argument("--epochs", type=COUNT,
+                   help="pareto: training epochs of every model (default: the demo recipe's)")
     p.add_argument("--seed", type=SEED, default=0,
                    help="seed of the split, the backbones and the grid's exit training")
     p.add_argument("--quick", action="store_true",

@@ -93,7 +93,7 @@ def _demo(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out", create=True)
     config = DemoConfig(seed=args.seed, train=_train_config(args, DEMO_TRAIN),
                         exits=parse_exits(args.exits),
-                        backend=args.backend,
+                        checkpoint=args.checkpoint, backend=args.backend,
                         max_accuracy_drop_points=args.max_drop, latency_passes=args.passes)
     report = run_demo(args.out, config, progress=not args.no_progress)
     print(format_report(report))
@@ -290,6 +290,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Adds demo, train, export, tune, eval and run."""
+    from trt_exit.demo import DemoConfig
     from trt_exit.training.config import DEMO_TRAIN
 
     p = subparsers.add_parser(
@@ -304,7 +305,11 @@ def register(subparsers) -> None:
                         "covers fp32, and fp16 / int8 under 'precisions'")
     p.add_argument("--max-drop", type=number(0.0, 100.0), default=0.5,
                    help="accuracy points the early-exit point may lose vs. the final exit")
-    p.add_argument("--passes", type=COUNT, default=3, help="timed passes over the test split")
+    p.add_argument("--passes", type=COUNT, default=DemoConfig.latency_passes,
+                   help=f"timed passes over the test split ({DemoConfig.latency_passes})")
+    p.add_argument("--checkpoint",
+                   help="evaluate this trained checkpoint instead of training (e.g. an earlier "
+                        "demo's OUT/checkpoint.safetensors; same --seed)")
     p.set_defaults(func=_demo)
 
     p = subparsers.add_parser("train", help="train a multi-exit model, write a checkpoint")

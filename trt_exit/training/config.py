@@ -30,6 +30,8 @@ class TrainConfig:
         augment_scale: Random zoom of images by a factor in [1 - s, 1 + s] (0 = none).
         label_smoothing: Cross-entropy label smoothing.
         seed: Seed of initialization order, shuffling and augmentation.
+        val_every_epochs: With a validation split, evaluate it after every this many epochs
+            (and after the last).
         num_threads: torch intra-op threads (None leaves torch's default).
     """
 
@@ -46,6 +48,7 @@ class TrainConfig:
     augment_scale: float = 0.0
     label_smoothing: float = 0.0
     seed: int = 0
+    val_every_epochs: int = 1
     num_threads: int | None = None
 
     def summary(self) -> str:
@@ -65,6 +68,8 @@ class TrainConfig:
             raise ConfigError(f"unknown training regime {self.regime!r}; choose one of {REGIMES}")
         if self.epochs < 0 or self.backbone_epochs < 0 or self.batch_size < 1:
             raise ConfigError("epochs must be >= 0 and batch_size >= 1")
+        if self.val_every_epochs < 1:
+            raise ConfigError("val_every_epochs must be >= 1")
 
 
 #: Training recipe of the demo: ViTs trained from scratch on 1,077 digits need augmentation.

@@ -239,7 +239,8 @@ def _run_phase(
         progress_frac = (step - warmup) / max(total_steps - warmup, 1)
         return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress_frac))
 
-    record: dict[str, Any] = {"phase": name, "epochs": epochs, "loss": [], "val": []}
+    record: dict[str, Any] = {"phase": name, "epochs": epochs, "loss": [], "val": [],
+                              "val_every_epochs": config.val_every_epochs}
     step = 0
     first = 0
     if resume is not None:  # continue after the last finished epoch of this phase
@@ -276,7 +277,7 @@ def _run_phase(
             raise ConfigError(f"{train_set.name}: no training sample could be read")
         record["loss"].append(epoch_loss / seen)
         postfix = {"loss": f"{record['loss'][-1]:.3f}"}
-        if val_set is not None:
+        if val_set is not None and ((epoch + 1) % config.val_every_epochs == 0 or epoch + 1 == epochs):
             metrics = evaluate(model, val_set)
             record["val"].append(metrics)
             postfix["val"] = " ".join(f"{m:.3f}" for m in metrics)
