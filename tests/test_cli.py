@@ -49,6 +49,25 @@ def test_demo_report_has_every_field(demo_dir):
     assert manifest.latency_profile["stages"].keys() == {s.name for s in manifest.stages}
 
 
+def test_demo_reuses_a_checkpoint_and_times_its_phases(demo_dir, tmp_path):
+    checkpoint = demo_dir / "checkpoint.safetensors"
+    first = json.loads((demo_dir / "report.json").read_text())
+    assert set(first["phase_seconds"]) == {"train", "export", "tune", "evaluate", "fp16 and int8"}
+    out = tmp_path / "again"
+    result = trt_exit("demo", "--out", str(out), "--checkpoint", str(checkpoint), "--passes", "1")
+    assert result.returncode == 0, result.stderr
+    assert "[demo] load checkpoint:" in result.stdout and "[demo] train:" not in result.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["training"]["reused_checkpoint"] == str(checkpoint)
+    assert report["training"]["epochs"] == 2
+    # The same weights: the same per-exit test accuracy as the run that trained them.
+    assert report["torch_test_metrics"] == first["torch_test_metrics"]
+    assert (out / "checkpoint.safetensors").read_bytes() == checkpoint.read_bytes()
+    wrong = trt_exit("demo", "--out", str(tmp_path / "x"), "--checkpoint", str(checkpoint),
+                     "--seed", "1")
+    _assert_clean_failure(wrong, "trained on dataset 'digits' with seed 0")
+
+
 def test_run_eval_and_tune_steps_on_the_demo_output(demo_dir, digits, tmp_path):
     x = tmp_path / "x.npy"
     np.save(x, digits["test"].inputs["image"][:5])

@@ -79,16 +79,10 @@ class _Phases:
                   f"(total {time.perf_counter() - self._began:.1f} s)")
 
 
-def _trained_model(config: DemoConfig, out_dir: Path, progress: bool):
-    """``(model, splits, training record)``: trained now, or loaded from ``config.checkpoint``."""
-    from trt_exit.models.checkpoint import load_checkpoint, read_metadata
-    from trt_exit.workflow import load_splits
+def _checkpoint_extra(config: DemoConfig) -> dict[str, Any]:
+    """What ``config.checkpoint`` records, checked against the demo's dataset and seed."""
+    from trt_exit.models.checkpoint import read_metadata
 
-    if config.checkpoint is None:
-        net, splits, history = train_step(out_dir, config.model, config.dataset, config.train,
-                                          config.dataset_options, progress, config.exits)
-        return net, splits, {"regime": config.train.regime, "epochs": config.train.epochs,
-                             "seconds": history.seconds, "seed": config.seed}
     extra = read_metadata(config.checkpoint)["extra"]
     recorded = extra.get("dataset") or {}
     if (recorded.get("name"), recorded.get("seed")) != (config.dataset, config.seed):
@@ -96,6 +90,21 @@ def _trained_model(config: DemoConfig, out_dir: Path, progress: bool):
             f"{config.checkpoint} was trained on dataset {recorded.get('name')!r} with seed "
             f"{recorded.get('seed')!r}, not {config.dataset!r} with seed {config.seed}: pass "
             f"the matching --seed, or train anew without --checkpoint")
+    return extra
+
+
+def _trained_model(config: DemoConfig, out_dir: Path, progress: bool):
+    """``(model, splits, training record)``: trained now, or loaded from ``config.checkpoint``."""
+    from trt_exit.models.checkpoint import load_checkpoint
+    from trt_exit.workflow import load_splits
+
+    if config.checkpoint is None:
+        net, splits, history = train_step(out_dir, config.model, config.dataset, config.train,
+                                          config.dataset_options, progress, config.exits)
+        return net, splits, {"regime": config.train.regime, "epochs": config.train.epochs,
+                             "seconds": history.seconds, "seed": config.seed}
+    extra = _checkpoint_extra(config)
+    recorded = extra["dataset"]
     net = load_checkpoint(config.checkpoint)
     splits = load_splits(config.dataset, config.seed, recorded.get("options") or config.dataset_options)
     train = extra.get("train") or {}
@@ -113,6 +122,8 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None,
 
     config = config or DemoConfig()
     config.train = dataclasses.replace(config.train, seed=config.seed)
+    if config.checkpoint is not None:
+        _checkpoint_extra(config)  # a wrong checkpoint fails before anything is written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()

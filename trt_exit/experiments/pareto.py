@@ -89,7 +89,7 @@ class ParetoConfig:
     floors_points: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0)
     tuning_per_cell: int = 80
     timing_per_cell: int = 8
-    timing_rounds: int = 3
+    timing_rounds: int = 5
     histogram_floors_points: tuple[float, ...] = (0.5, 2.0, 5.0)
     seed: int = 0
     num_threads: int = 1
