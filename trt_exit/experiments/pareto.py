@@ -21,7 +21,8 @@ accurate than a plain model that is simply smaller. Protocol, per dataset (``dig
    Runtime, batched) and its accuracy, exit histogram and mean exit block are computed on the
    whole split, pooled and per severity (digits-C).
 
-3. **Latency**: ONNX Runtime, FP32, batch 1, one torch/ONNX Runtime thread. Every static model
+3. **Latency**: ONNX Runtime (the project's CPU backend, default session options), FP32,
+   batch 1; torch trains with :attr:`ParetoConfig.num_threads` threads. Every static model
    (its one-graph export) and every operating point (the stage chain with its thresholds) is
    timed on the same timing subset of the test split (stratified by corruption and severity),
    interleaved per sample in rotating order, for several rounds; a configuration's latency on a
@@ -78,7 +79,7 @@ class ParetoConfig:
         timing_rounds: Timed rounds over the subset per configuration (median per sample).
         histogram_floors_points: Floors whose exit histogram per severity is plotted.
         seed: Seed of the split, the corruptions, the training and the timing subset.
-        num_threads: torch and ONNX Runtime threads.
+        num_threads: torch threads (training).
     """
 
     datasets: tuple[str, ...] = ("digits", "digits_c")
@@ -392,7 +393,7 @@ def write_plots(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
         groups = data["groups"]
         points = data["multi_exit"]["operating_points"]
         for filename, axis, label, scale in ((LATENCY_PLOT, "latency_ms", "mean latency, batch 1 "
-                                              "(ms, ONNX Runtime, 1 thread)", 1.0),
+                                              "(ms, ONNX Runtime)", 1.0),
                                              (FLOPS_PLOT, "flops", "mean FLOPs per sample (M)", 1e-6)):
             columns = min(len(groups), 4)
             rows = -(-len(groups) // columns)
