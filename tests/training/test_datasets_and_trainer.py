@@ -104,6 +104,17 @@ def test_training_is_seeded(digits):
     assert torch.equal(weights[0], weights[1])
 
 
+def test_validation_every_n_epochs_and_after_the_last(digits):
+    small, val = digits["train"].subset(np.arange(64)), digits["val"].subset(np.arange(32))
+    model = create_model("multi_exit_vit_tiny_test")
+    history = train(model, small, TrainConfig(epochs=5, val_every_epochs=2, seed=0), val_set=val,
+                    progress=False)
+    assert len(history.phases[0]["loss"]) == 5
+    assert len(history.phases[0]["val"]) == 3  # after epochs 2, 4 and 5
+    with pytest.raises(ConfigError, match="val_every_epochs"):
+        train(model, small, TrainConfig(epochs=1, val_every_epochs=0), progress=False)
+
+
 def test_bad_training_config(digits):
     model = create_model("multi_exit_vit_tiny_test")
     with pytest.raises(ConfigError, match="unknown training regime"):
