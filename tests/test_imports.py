@@ -6,9 +6,10 @@
 * Every module is imported alone in a fresh interpreter in which no ``trt_exit`` module has been
   imported yet. To keep this fast, one helper process imports the heavy third-party libraries
   (torch, numpy, ...) once and forks a child per module; the children start with those already
-  loaded, which cannot change whether a ``trt_exit`` module's own imports succeed. The one
-  exception is a module that only a host process loads (Triton's Python-backend model, which
-  needs the stub's ``triton_python_backend_utils``): only that missing module is accepted.
+  loaded, which cannot change whether a ``trt_exit`` module's own imports succeed. A module
+  that only a host process can run may be listed in ``HOST_ONLY`` with the one module only that
+  host provides; none is listed: Triton's Python-backend model imports the stub's
+  ``triton_python_backend_utils`` when Triton calls it, so it too imports alone.
 * Optional dependencies (TensorRT, CUDA bindings, PyTriton, sounddevice, OpenCV) are not
   imported by importing any module: they load lazily, where they are used.
 """
@@ -31,7 +32,7 @@ OPTIONAL = ("tensorrt", "cuda", "pycuda", "pytriton", "tritonclient", "sounddevi
 
 #: Modules that only load inside a host process, with the module only that host provides: a
 #: missing host module is accepted for them (any other failure is not).
-HOST_ONLY = {"trt_exit.serving.triton_model": "triton_python_backend_utils"}  # Triton's stub
+HOST_ONLY: dict[str, str] = {}
 
 #: Third-party libraries the helper imports before forking (when installed).
 PRELOAD = ("numpy", "torch", "torch.nn.functional", "onnx", "onnxruntime", "scipy", "sklearn",
