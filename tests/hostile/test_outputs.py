@@ -153,3 +153,14 @@ def test_the_check_accepts_ordinary_outputs(model, sample_file, tmp_path, capsys
     report = model / "report.json"  # beside the model, not one of its files: allowed
     check_output_file(report, "--out")
     np.testing.assert_array_equal(np.load(sample_file).shape, (4, 1, 8, 8))
+
+
+@pytest.mark.parametrize("experiment", [[], ["--dataset", "digits_c"],
+                                        ["--dataset", "synthetic_av_crowd"]])
+def test_experiment_checks_its_out_folder_before_training(tmp_path, experiment, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_refused(capsys, ["experiment", "--out", blocker / "sub", "--quick", *experiment],
+                   "cannot create folder", tmp_path)
+    assert_refused(capsys, ["experiment", "--out", blocker, "--quick", *experiment],
+                   "is not a folder", tmp_path)

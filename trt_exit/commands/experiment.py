@@ -102,7 +102,10 @@ def _run_pareto(args: argparse.Namespace) -> int:
 
 
 def _experiment(args: argparse.Namespace) -> int:
+    from trt_exit.fileio import check_output_dir
+
     experiment = _experiment_of(args)
+    check_output_dir(args.out, "--out", create=True)  # before hours of training, not after
     if experiment == "av_crowd":
         return _run_av(args)
     if experiment == "pareto":
