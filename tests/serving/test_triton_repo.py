@@ -56,6 +56,10 @@ def test_refusals_leave_nothing_behind(tiny_tuned, tmp_path, fresh_copy, capsys)
     onnx.write_bytes(onnx.read_bytes()[:-10])
     assert main(["triton-repo", str(damaged), "--out", str(tmp_path / "r3")]) == 2
     assert "does not match" in capsys.readouterr().err
+    assert main(["triton-repo", str(tiny_tuned), "--out", str(tmp_path / "missing" / "r4")]) == 2
+    assert "does not exist; create it first" in capsys.readouterr().err  # no silent mkdir
+    assert main(["triton-repo", str(tiny_tuned), "--out", "/proc/r5"]) == 2
+    assert "cannot write in /proc" in capsys.readouterr().err  # found before any copying
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "repo"]  # no partial repo
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trt_exit.errors import ConfigError
+from trt_exit.fileio import check_output_dir
 from trt_exit.manifest import MANIFEST_NAME, Manifest
 from trt_exit.serving.model_io import TensorIO, resolve_max_batch, served_inputs, served_outputs
 
@@ -181,9 +182,10 @@ def write_repository(config: RepositoryConfig) -> Path:
     """
     manifest = Manifest.load(config.model_dir)
     out = Path(config.out)
-    if out.exists():
+    if out.exists() or out.is_symlink():
         raise ConfigError(f"{out} already exists; choose a new --out directory (the "
                           f"repository is written whole)")
+    check_output_dir(out.parent, "--out")  # exists and is writable; not created silently
     name = config.model_name or manifest.name
     max_batch = resolve_max_batch(manifest, config.backend, config.precision, config.max_batch)
     if config.precision not in manifest.precisions() and config.backend != "tensorrt":
@@ -193,7 +195,6 @@ def write_repository(config: RepositoryConfig) -> Path:
     model_dir = str(manifest.root.resolve()) if config.reference else "model"
     text = config_pbtxt(manifest, config, name, max_batch, model_dir)
     kind = "gpu" if "KIND_GPU" in text else "cpu"
-    out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         version = staging / name / "1"
