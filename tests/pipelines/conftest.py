@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from trt_exit.serving.environment import free_port
 
 PEER = Path(__file__).with_name("gst_peer.py")
 REQUIRE = os.environ.get("TRT_EXIT_REQUIRE_JETSON_IO") == "1"
@@ -78,9 +79,7 @@ def gstreamer():
 @pytest.fixture
 def port() -> int:
     """A TCP/UDP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_port("127.0.0.1")
 
 
 class Peer:
