@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from trt_exit.errors import ConfigError
 from trt_exit.fileio import atomic_write_json
+from trt_exit.runtime import DEFAULT_FLOOR_CONFIDENCE
 from trt_exit.training.config import DEMO_TRAIN, TrainConfig
 from trt_exit.workflow import (
     CHECKPOINT_NAME,
@@ -44,6 +45,9 @@ class DemoConfig:
         backend: Backend that runs the stages.
         precision: Precision of the evaluated graphs.
         max_accuracy_drop_points: Tuning floor: accuracy points allowed below the final exit.
+        floor_confidence: Confidence level at which the floor must hold over the validation
+            split's sampling noise (None: on the split itself); see
+            :mod:`trt_exit.runtime.tuning`.
         latency_passes: Passes over the test split when timing (batch 1).
         profile_repeats: Timed runs per stage for the latency profile.
     """
@@ -58,6 +62,7 @@ class DemoConfig:
     backend: str = "onnxruntime"
     precision: str = "fp32"
     max_accuracy_drop_points: float = 0.5
+    floor_confidence: float | None = DEFAULT_FLOOR_CONFIDENCE
     latency_passes: int = 1
     profile_repeats: int = 50
 
@@ -139,13 +144,14 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None,
     max_loss = config.max_accuracy_drop_points / 100 if task == "classification" else None
     with phase("tune"):
         manifest = tune_step(manifest, splits["val"], config.backend, config.precision, max_loss,
-                             config.profile_repeats)
+                             config.profile_repeats, floor_confidence=config.floor_confidence)
     with phase("evaluate"):
         report = evaluate_step(manifest, splits["test"], config.backend, config.precision,
                                config.latency_passes)
     with phase("fp16 and int8"):
         report["precisions"] = precision_report(manifest, splits, report, config.backend,
-                                                max_loss, config.seed)
+                                                max_loss, config.seed,
+                                                floor_confidence=config.floor_confidence)
     report.update({
         "torch_test_metrics": torch_metrics,
         "parity_max_abs_diff": manifest.parity["fp32"]["max_output_diff"],
@@ -153,6 +159,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None,
         "dataset": dataset_info,
         "tuning": {"split": splits["val"].name,
                    "max_accuracy_drop_points": config.max_accuracy_drop_points,
+                   "floor_confidence": config.floor_confidence,
                    "val_metric": manifest.tuning[config.precision]["best"]["metric"],
                    "val_final_metric": manifest.tuning[config.precision]["final_metric"]},
         "artifacts": {"manifest": "manifest.json", "checkpoint": CHECKPOINT_NAME,

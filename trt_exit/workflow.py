@@ -21,6 +21,7 @@ import numpy as np
 
 from trt_exit.errors import ConfigError
 from trt_exit.manifest import Manifest
+from trt_exit.runtime import DEFAULT_FLOOR_CONFIDENCE
 from trt_exit.training.datasets import Dataset, load_dataset
 from trt_exit.training.config import DEMO_TRAIN, TrainConfig  # noqa: F401  DEMO_TRAIN: API
 
@@ -110,7 +111,8 @@ def export_step(net, out_dir: str | os.PathLike, splits: dict[str, Dataset],
 
 def tune_step(manifest: Manifest, val: Dataset, backend: str = "onnxruntime",
               precision: str = "fp32", max_loss: float | None = None,
-              profile_repeats: int = 200, apply: bool = True) -> Manifest:
+              profile_repeats: int = 200, apply: bool = True,
+              floor_confidence: float | None = DEFAULT_FLOOR_CONFIDENCE) -> Manifest:
     """Profiles every stage at batch 1, tunes thresholds on ``val`` and stores both.
 
     Args:
@@ -123,6 +125,8 @@ def tune_step(manifest: Manifest, val: Dataset, backend: str = "onnxruntime",
         apply: Store the thresholds with the exits (the default policy of every executor) and
             the stage profile as the manifest's ``latency_profile``; otherwise both are stored
             only under ``tuning[precision]``.
+        floor_confidence: Confidence level at which the floor must hold over the split's
+            sampling noise (None: on the split itself); see :mod:`trt_exit.runtime.tuning`.
     """
     from trt_exit.profiling.environment import machine_info
     from trt_exit.profiling.timers import measure_stage_latency
@@ -138,7 +142,8 @@ def tune_step(manifest: Manifest, val: Dataset, backend: str = "onnxruntime",
         results = executor.run(val.inputs)
         backend_info = executor.backend.describe()
     tuning = tune_thresholds(results.all_outputs, results.all_confidences, val.targets,
-                             manifest.task, stage_ms, max_loss)
+                             manifest.task, stage_ms, max_loss,
+                             floor_confidence=floor_confidence)
     manifest.tuning[precision] = {**tuning.to_dict(), "split": val.name, "samples": len(val),
                                   "backend": backend_info["backend"], "stage_latency_ms": stage_ms}
     if apply:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trt_exit.manifest import Manifest
+from trt_exit.runtime import DEFAULT_FLOOR_CONFIDENCE
 
 
 @dataclass
@@ -51,7 +52,8 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
 
 def precision_report(manifest: Manifest, splits: dict, fp32_report: dict[str, Any],
                      backend: str = "onnxruntime", max_loss: float | None = None, seed: int = 0,
-                     config: PrecisionDemoConfig | None = None) -> dict[str, Any]:
+                     config: PrecisionDemoConfig | None = None,
+                     floor_confidence: float | None = DEFAULT_FLOOR_CONFIDENCE) -> dict[str, Any]:
     """FP16 and INT8 graphs of ``manifest``, tuned and evaluated like the FP32 ones.
 
     Args:
@@ -62,6 +64,7 @@ def precision_report(manifest: Manifest, splits: dict, fp32_report: dict[str, An
         max_loss: Tuning floor, as for FP32.
         seed: Seed of the calibration draw.
         config: Calibration size and timing effort.
+        floor_confidence: As for FP32 (see :func:`trt_exit.workflow.tune_step`).
 
     Returns:
         ``{"fp32": ..., "fp16": ..., "int8": ...}`` each with per-exit metrics, the final exit's
@@ -82,7 +85,7 @@ def precision_report(manifest: Manifest, splits: dict, fp32_report: dict[str, An
     try:
         for precision in ("fp16", "int8"):
             tune_step(manifest, splits["val"], backend, precision, max_loss,
-                      config.profile_repeats, apply=False)
+                      config.profile_repeats, apply=False, floor_confidence=floor_confidence)
             report = evaluate_step(manifest, splits["test"], backend, precision,
                                    config.latency_passes, config.warmup)
             results[precision] = _summary(report)

@@ -38,6 +38,8 @@ BAD_NUMBERS = [
     ("count", "--budget-ms", "inf"), ("profile", "--samples", "0"), ("profile", "--batch", "0"),
     ("profile", "--threads", "0"), ("run", "--chunk", "0"), ("build", "--max-batch", "0"),
     ("calibrate", "--size", "0"), ("precision", "--percentile", "nan"),
+    ("tune", "--floor-confidence", "0.3"), ("tune", "--floor-confidence", "1"),
+    ("demo", "--floor-confidence", "nan"),
 ]
 
 

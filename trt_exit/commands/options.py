@@ -51,3 +51,14 @@ NON_NEGATIVE = integer(0)  # seeds, warm-up runs, device indices
 SEED = integer(0, 2**32 - 1)
 THREADS = integer(1, 1024)
 POSITIVE = number(0.0, above=True)  # durations, budgets, rates, learning rates
+
+
+def confidence_level(text: str) -> float | None:
+    """An argparse ``type``: a one-sided confidence level in [0.5, 1), or 0 for none (None)."""
+    value = number(0.0, 1.0)(text)
+    if value == 0.0:
+        return None
+    if not 0.5 <= value < 1.0:
+        raise argparse.ArgumentTypeError(
+            f"must be a confidence level >= 0.5 and < 1 (e.g. 0.95), or 0 for none; got {text!r}")
+    return value

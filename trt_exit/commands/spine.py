@@ -8,10 +8,18 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from trt_exit.commands.options import COUNT, NON_NEGATIVE, POSITIVE, SEED, THREADS, number
+from trt_exit.commands.options import (
+    COUNT,
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    THREADS,
+    confidence_level,
+    number,
+)
 from trt_exit.errors import ConfigError
 from trt_exit.fileio import check_input_file, check_output_dir, check_output_file
-from trt_exit.runtime import DEFAULT_CHUNK
+from trt_exit.runtime import DEFAULT_CHUNK, DEFAULT_FLOOR_CONFIDENCE
 
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -46,6 +54,15 @@ def _add_train_options(parser: argparse.ArgumentParser, recipe: str) -> None:
                                        "replacing the model's; TYPE is a registered exit family")
     group.add_argument("--threads", type=THREADS, help="torch threads for training")
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_floor_confidence(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--floor-confidence", type=confidence_level, default=DEFAULT_FLOOR_CONFIDENCE,
+        metavar="LEVEL",
+        help=f"the floor must hold at this one-sided confidence level over the validation "
+             f"split's sampling noise ({DEFAULT_FLOOR_CONFIDENCE:g}; 0: on the split itself, "
+             f"which tends to land below the floor on new data)")
 
 
 def parse_exits(text: str | None):
@@ -94,7 +111,8 @@ def _demo(args: argparse.Namespace) -> int:
     config = DemoConfig(seed=args.seed, train=_train_config(args, DEMO_TRAIN),
                         exits=parse_exits(args.exits),
                         checkpoint=args.checkpoint, backend=args.backend,
-                        max_accuracy_drop_points=args.max_drop, latency_passes=args.passes)
+                        max_accuracy_drop_points=args.max_drop, latency_passes=args.passes,
+                        floor_confidence=args.floor_confidence)
     report = run_demo(args.out, config, progress=not args.no_progress)
     print(format_report(report))
     print(f"\nwrote {Path(args.out) / 'report.json'} (manifest, ONNX graphs and checkpoint "
@@ -196,7 +214,7 @@ def _tune(args: argparse.Namespace) -> int:
     max_loss = None if args.max_drop is None else (
         args.max_drop / 100 if manifest.task == "classification" else args.max_drop)
     manifest = tune_step(manifest, splits["val"], args.backend, args.precision, max_loss,
-                         args.repeats)
+                         args.repeats, floor_confidence=args.floor_confidence)
     best = manifest.tuning[args.precision]["best"]
     print(f"thresholds: {best['thresholds']}  val {manifest.tuning[args.precision]['metric']} "
           f"{best['metric']:.4f} (final exit {manifest.tuning[args.precision]['final_metric']:.4f}), "
@@ -305,6 +323,7 @@ def register(subparsers) -> None:
                         "covers fp32, and fp16 / int8 under 'precisions'")
     p.add_argument("--max-drop", type=number(0.0, 100.0), default=0.5,
                    help="accuracy points the early-exit point may lose vs. the final exit")
+    _add_floor_confidence(p)
     p.add_argument("--passes", type=COUNT, default=DemoConfig.latency_passes,
                    help=f"timed passes over the test split ({DemoConfig.latency_passes})")
     p.add_argument("--checkpoint",
@@ -351,6 +370,7 @@ def register(subparsers) -> None:
                    help="allowed loss vs. the final exit: accuracy points (default 0.5, at most "
                         "100) or MAE")
     p.add_argument("--repeats", type=COUNT, default=200, help="timed runs per stage")
+    _add_floor_confidence(p)
     p.set_defaults(func=_tune)
 
     p = subparsers.add_parser("eval", help="accuracy and latency per exit on a split")

@@ -62,7 +62,7 @@ def build_tiny_av_export(out_dir: str | os.PathLike, seed: int = 0,
         "name": "synthetic_av_crowd", "seed": seed,
         "options": {"train": train_n, "val": val_n, "test": test_n}}
     manifest = export_step(model, Path(out_dir), splits, dataset_info)
-    return tune_step(manifest, splits["val"], profile_repeats=10)
+    return tune_step(manifest, splits["val"], profile_repeats=10, floor_confidence=None)
 
 
 # --------------------------------------------------------------------------- the experiment
@@ -295,7 +295,9 @@ def _deploy(config: AVExperimentConfig, splits: dict[str, Dataset],
     dataset_info = {"name": "synthetic_av_crowd", "seed": config.seed,
                     "options": dict(zip(("train", "val", "test"), config.samples))}
     manifest = export_step(model, out_dir, splits, dataset_info)
-    manifest = tune_step(manifest, splits["val"], profile_repeats=config.profile_repeats)
+    # The floor checked on the split itself, as when docs/audiovisual.md's results were measured.
+    manifest = tune_step(manifest, splits["val"], profile_repeats=config.profile_repeats,
+                         floor_confidence=None)
     report = evaluate_step(manifest, splits["test"], passes=config.latency_passes)
     test = splits["test"]
     with Executor(manifest, "onnxruntime") as executor:
