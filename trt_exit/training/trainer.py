@@ -173,6 +173,19 @@ def _set_trainable(model: MultiExitModel, train_backbone: bool, exit_mask: Seque
     return list(unique.values())
 
 
+def _adamw(groups: list[dict[str, Any]], lr: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel per step where torch has it for ``device`` (CPU and CUDA
+    since torch 2.4): the per-parameter loop costs more than the math for small models (on the
+    demo model, 6 of ~45 ms per step on 2 CPU cores)."""
+    params = [p for g in groups for p in g["params"]]
+    if device.type in ("cpu", "cuda") and all(p.dtype.is_floating_point for p in params):
+        try:
+            return torch.optim.AdamW(groups, lr=lr, fused=True)
+        except (RuntimeError, TypeError):  # an older torch without the fused kernel here
+            pass
+    return torch.optim.AdamW(groups, lr=lr)
+
+
 def _train_batches(train_set, config: TrainConfig, generator: torch.Generator):
     """One epoch of shuffled, augmented training batches: ``(inputs by name, targets)``.
 
@@ -224,11 +237,8 @@ def _run_phase(
     params = _set_trainable(model, train_backbone, exit_mask)
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr,
-    )
+    optimizer = _adamw([{"params": decay, "weight_decay": config.weight_decay},
+                        {"params": no_decay, "weight_decay": 0.0}], config.lr, device)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     total_steps = max(epochs * steps_per_epoch, 1)
     warmup = config.warmup_epochs * steps_per_epoch
