@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,9 @@ def test_demo_report_has_every_field(demo_dir):
 
     manifest = Manifest.load(demo_dir, verify=True)
     assert manifest.thresholds() == early["thresholds"]
+    # tuned with the floor held at the 0.95 level, and recorded as such
+    assert report["tuning"]["floor_confidence"] == 0.95
+    assert manifest.tuning["fp32"]["floor_confidence"] == 0.95
     assert (demo_dir / "checkpoint.safetensors").is_file()
     assert manifest.latency_profile["stages"].keys() == {s.name for s in manifest.stages}
 
@@ -79,6 +83,15 @@ def test_run_eval_and_tune_steps_on_the_demo_output(demo_dir, digits, tmp_path):
     result = trt_exit("eval", str(demo_dir), "--passes", "1", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert json.loads(out.read_text())["samples"] == 360
+    from trt_exit.manifest import Manifest
+
+    copy = tmp_path / "retuned"
+    shutil.copytree(demo_dir, copy)
+    result = trt_exit("tune", str(copy), "--floor-confidence", "0", "--repeats", "5")
+    assert result.returncode == 0, result.stderr
+    retuned = Manifest.load(copy, verify=True).tuning["fp32"]
+    assert retuned["floor_confidence"] is None  # 0: the floor checked on the split itself
+    assert retuned["best"]["metric"] >= retuned["final_metric"] - 0.005 - 1e-9
 
 
 def _assert_clean_failure(result: subprocess.CompletedProcess, message: str) -> None:

@@ -179,11 +179,13 @@ def _timed_passes(executor, test: Dataset, passes: int, policies: dict[str, Any]
 
 
 def evaluate_step(manifest: Manifest, test: Dataset, backend: str = "onnxruntime",
-                  precision: str = "fp32", passes: int = 3, warmup: int = 50) -> dict[str, Any]:
+                  precision: str = "fp32", passes: int = 3, warmup: int = 50,
+                  time_each_exit: bool = True) -> dict[str, Any]:
     """Accuracy and latency of every exit and of the tuned operating point on ``test``.
 
     Latency is measured per sample at batch 1 (the streaming case early exits are for), in the
-    same run for every variant: the tuned early-exit policy, each exit forced, and the no-exit
+    same run for every variant: the tuned early-exit policy, each exit forced (unless
+    ``time_each_exit`` is False: then the exits' ``latency_ms`` are None), and the no-exit
     baseline graph (backbone and final head in one graph).
     """
     from trt_exit.runtime.executor import Executor, default_policy
@@ -205,7 +207,8 @@ def evaluate_step(manifest: Manifest, test: Dataset, backend: str = "onnxruntime
         full = executor.run_full_model(test.inputs)
         # Warm up every path, then time them interleaved.
         policies: dict[str, Any] = {"early_exit": policy, "full": "full"}
-        policies.update({f"exit_{k}": FixedExitPolicy(k) for k in range(manifest.num_exits)})
+        if time_each_exit:
+            policies.update({f"exit_{k}": FixedExitPolicy(k) for k in range(manifest.num_exits)})
         warm = test.subset(np.arange(min(warmup, len(test))))
         _timed_passes(executor, warm, 1, policies)
         timings = _timed_passes(executor, test, passes, policies)
@@ -221,7 +224,7 @@ def evaluate_step(manifest: Manifest, test: Dataset, backend: str = "onnxruntime
     for k, entry in enumerate(manifest.exits):
         exits.append({
             "index": k, "block": entry.after_block, "type": entry.type, metric: per_exit[k],
-            "exit_fraction": float(fractions[k]), "latency_ms": mean[f"exit_{k}"],
+            "exit_fraction": float(fractions[k]), "latency_ms": mean.get(f"exit_{k}"),
             "threshold": None if k == manifest.num_exits - 1 else thresholds[k],
             "enabled": k == manifest.num_exits - 1 or thresholds[k] is not None,
         })

@@ -41,6 +41,19 @@ def test_precision_report_measures_every_precision(tiny_tuned, digits, tmp_path)
     saved = Manifest.load(root, verify=True)
     assert saved.precisions() == ["fp32", "fp16", "int8"]
     assert set(saved.tuning) >= {"fp32", "fp16", "int8"}
+    assert saved.tuning["int8"]["floor_confidence"] == 0.95  # the default, as for FP32
     # FP32 stays the default: its thresholds and latency profile are untouched.
     assert saved.thresholds() == fp32_thresholds
     assert saved.latency_profile["precision"] == fp32_profile["precision"] == "fp32"
+
+
+def test_evaluate_step_can_skip_timing_each_exit(tiny_tuned, digits):
+    """The precision report times only the early-exit policy and the baseline."""
+    manifest = Manifest.load(tiny_tuned)
+    test = digits["test"].subset(np.arange(20))
+    report = evaluate_step(manifest, test, passes=1, warmup=2, time_each_exit=False)
+    assert [e["latency_ms"] for e in report["exits"]] == [None] * manifest.num_exits
+    assert report["early_exit"]["mean_latency_ms"] > 0 and report["early_exit"]["full_latency_ms"] > 0
+    timed = evaluate_step(manifest, test, passes=1, warmup=2)
+    assert all(e["latency_ms"] > 0 for e in timed["exits"])
+    assert [e["accuracy"] for e in timed["exits"]] == [e["accuracy"] for e in report["exits"]]

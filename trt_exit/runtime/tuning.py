@@ -140,8 +140,10 @@ class _Evaluator:
         loss = per_sample.mean(axis=1)
         bound = loss
         if self.z:
-            difference = per_sample - self.loss[-1][None, :]  # (M, N) vs. the final exit
-            bound = loss + self.z * np.sqrt(difference.var(axis=1) / n)
+            final = self.loss[-1]
+            squares = np.square(per_sample - final[None, :]).mean(axis=1)  # (M,) vs. the final exit
+            variance = np.maximum(squares - (loss - final.mean()) ** 2, 0.0)
+            bound = loss + self.z * np.sqrt(variance / n)
         enabled = np.concatenate([np.isfinite(thresholds), np.ones((m, 1), bool)], axis=1)
         cumulative = np.cumsum(self.segments[None, :] + self.heads[None, :] * enabled, axis=1)
         latency = np.take_along_axis(cumulative, exits, axis=1).mean(axis=1)
@@ -263,10 +265,10 @@ def tune_thresholds(
         start = combos[i] if i is not None else np.full(e1, np.inf)  # all disabled: final only
         return point(refine(start, limit), allowed)
 
-    best = best_for(max_loss)
     curve = sorted(set(curve_losses or [0.0, max_loss / 2, max_loss, 2 * max_loss, 4 * max_loss,
-                                        10 * max_loss]))
+                                        10 * max_loss]) | {max_loss})
     points = [best_for(a) for a in curve]
+    best = points[curve.index(max_loss)]
     metric_name = "accuracy" if task == "classification" else "mae"
     final_metric = 1.0 - final_loss if task == "classification" else final_loss
     return TuningResult(best, float(final_metric), full_chain, metric_name, points,
