@@ -282,8 +282,10 @@ def format_report(report: dict[str, Any]) -> str:
     for e in report["exits"]:
         threshold = "final" if e["threshold"] is None and e["enabled"] else (
             "off" if not e["enabled"] else f"{e['threshold']:.4f}")
+        # evaluate_step(time_each_exit=False) leaves the forced-exit latencies untimed (None).
+        latency = "-" if e["latency_ms"] is None else f"{e['latency_ms']:8.3f}ms"
         lines.append(f"{e['index']:>4} {e['block']:>5} {e['type']:<10} {fmt(e[metric]):>9} "
-                     f"{100 * e['exit_fraction']:9.1f}% {e['latency_ms']:8.3f}ms {threshold:>9}")
+                     f"{100 * e['exit_fraction']:9.1f}% {latency:>10} {threshold:>9}")
     ee = report["early_exit"]
     lines += [
         "",

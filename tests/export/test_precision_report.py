@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from trt_exit.manifest import Manifest
-from trt_exit.workflow import evaluate_step
+from trt_exit.workflow import evaluate_step, format_report
 from trt_exit.workflow_precision import PrecisionDemoConfig, precision_report
 
 
@@ -57,3 +57,8 @@ def test_evaluate_step_can_skip_timing_each_exit(tiny_tuned, digits):
     timed = evaluate_step(manifest, test, passes=1, warmup=2)
     assert all(e["latency_ms"] > 0 for e in timed["exits"])
     assert [e["accuracy"] for e in timed["exits"]] == [e["accuracy"] for e in report["exits"]]
+    # the report still prints, with the untimed latencies as "-" and the rows aligned as before
+    rows = format_report(report).splitlines()[3 : 3 + manifest.num_exits]
+    timed_rows = format_report(timed).splitlines()[3 : 3 + manifest.num_exits]
+    assert [r.split()[5] for r in rows] == ["-"] * manifest.num_exits
+    assert [len(r) for r in rows] == [len(r) for r in timed_rows]
