@@ -169,9 +169,11 @@ def test_conditional_handles_and_if_nodes_use_the_executors_context():
 
     context = object()
     assert GraphCapture(0, context=context)._context() is context
-    source = (REPO / "trt_exit/runtime/cuda_executor.py").read_text()
-    assert source.count("context=self.device_info.context") >= 3  # chain, full model, profile
-    assert "make_current(self.device)" in source
+    executor = (REPO / "trt_exit/runtime/cuda_executor.py").read_text()
+    graph = (REPO / "trt_exit/runtime/cuda_strategies/graph.py").read_text()
+    assert executor.count("context=self.device_info.context") >= 2  # full model, profile
+    assert "context=chain.device_info.context" in graph  # the exit chain
+    assert "make_current(self.device)" in executor
 
 
 # --------------------------------------------------------------------------- 2. TensorRT contexts

@@ -17,7 +17,9 @@ earlier results, and says whether anything is left to run. Three strategies driv
   baseline benchmarks compare against.
 
 The plan (which stages and gates run, in the order every strategy walks them) is
-:mod:`trt_exit.runtime.cuda_plan`. ``auto`` picks graph where the driver supports conditional
+:mod:`trt_exit.runtime.cuda_plan`; each strategy is a module of
+:mod:`trt_exit.runtime.cuda_strategies` (``graph``, ``poll``, ``eager``) over one ``Chain``
+(the stream, buffers, gate kernels and enqueue steps they share). ``auto`` picks graph where the driver supports conditional
 nodes, else poll, else eager (only a strategy that can work). When a chain
 cannot be captured (a stage that records events or calls host code inside a conditional body,
 for example) the executor logs why and polls instead.
@@ -38,20 +40,16 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from trt_exit import tensor_names as tn
 from trt_exit.errors import ConfigError, CudaError, CudaUnavailableError, InputError
-from trt_exit.manifest import Manifest, TensorSpec
+from trt_exit.manifest import Manifest
 from trt_exit.profiling.nvtx import nvtx_range
 from trt_exit.runtime.backends.base import Backend, DeviceStageRunner
-from trt_exit.runtime.executor import ExitResults, create_backend, default_policy, validate_inputs
 from trt_exit.runtime.cuda_plan import (  # noqa: F401  plan_exits, ExitPlan: public API here too
     ChainStep,
     ExitPlan,
@@ -60,34 +58,17 @@ from trt_exit.runtime.cuda_plan import (  # noqa: F401  plan_exits, ExitPlan: pu
     conditional_nodes,
     plan_exits,
 )
-from trt_exit.runtime.gate import GateKernels, GateParams, gate_on_host
+from trt_exit.runtime.cuda_strategies.chain import Chain, DeviceResults  # noqa: F401  public
+from trt_exit.runtime.cuda_strategies.eager import run_all_exits, run_eager
+from trt_exit.runtime.cuda_strategies.graph import GraphStrategy, remember
+from trt_exit.runtime.cuda_strategies.poll import run_poll
+from trt_exit.runtime.executor import ExitResults, create_backend, default_policy, validate_inputs
+from trt_exit.runtime.gate import GateParams
 from trt_exit.runtime.policies import AllExitsPolicy, Policy
 
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("graph", "poll", "eager")
-_ALIGN = 256
-
-
-def _aligned(size: int) -> int:
-    return (size + _ALIGN - 1) // _ALIGN * _ALIGN
-
-
-@dataclass(frozen=True)
-class DeviceResults:
-    """Results in the executor's device buffers (valid until its next run; owns nothing).
-
-    Each is a ``__cuda_array_interface__`` view: ``torch.as_tensor(r.output, device="cuda")``.
-
-    Attributes:
-        exit_index: (B,) int32.
-        output: (B, K) float32.
-        confidence: (B,) float32.
-    """
-
-    exit_index: Any
-    output: Any
-    confidence: Any
 
 
 # --------------------------------------------------------------------------- the executor
@@ -138,19 +119,14 @@ class CudaExecutor:
         self.num_exits = self.manifest.num_exits
         self.graph_cache_size = max(int(graph_cache_size), 1)
         self.runners: dict[str, DeviceStageRunner] = {}
-        self._owned: list[Any] = []  # CUDA resources, closed in reverse order
-        self._graphs: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
-        self._graph_failures: dict[tuple, str] = {}
-        self._gates: dict[bool, GateKernels] = {}
+        self.chain: Chain | None = None
+        self._graph: GraphStrategy | None = None
         self._kernel_reasons: dict[bool, str] = {}
         self._fallbacks_logged: set[tuple[str, str]] = set()
         self._full = None
-        self.device_timing = device_timing
+        self._device_timing = device_timing
         #: GPU time of the last run (ms) with ``device_timing``, else None.
         self.last_device_ms: float | None = None
-        #: Exit chains captured as graphs so far (each capture costs a warm-up and syncs).
-        self.captures = 0
-        self._timed = False
         self._plans: dict[int, tuple[Policy, str, ExitPlan]] = {}
         options = dict(backend_options or {})
         if backend == "torch":
@@ -162,12 +138,35 @@ class CudaExecutor:
         self.backend = create_backend(backend, **options)
         try:
             self._open_runners()
-            self._allocate()
+            self.chain = Chain(self.manifest, self.runners, max_batch, self.device_info,
+                               device_timing)
         except BaseException:
             self.close()
             raise
+        chain = self.chain
+        # The chain's buffers, for callers that bind them (owned by the chain).
+        self.stream, self.buffers, self.specs = chain.stream, chain.buffers, chain.specs
+        self.num_outputs = chain.num_outputs
+        self._graph = GraphStrategy(chain, [s.name for s in self.manifest.inputs],
+                                    self.graph_cache_size)
         self.fallback_reason = ""
         self.strategy = self._choose_strategy(strategy)
+
+    @property
+    def device_timing(self) -> bool:
+        """Whether runs are timed on the GPU too (:attr:`last_device_ms`)."""
+        return self._device_timing
+
+    @device_timing.setter
+    def device_timing(self, value: bool) -> None:
+        self._device_timing = bool(value)
+        if self.chain is not None:
+            self.chain.device_timing = self._device_timing
+
+    @property
+    def captures(self) -> int:
+        """Exit chains captured as graphs so far (each capture costs a warm-up and syncs)."""
+        return self._graph.captures if self._graph is not None else 0
 
     # ------------------------------------------------------------------ setup
 
@@ -192,81 +191,6 @@ class CudaExecutor:
             for k in range(self.num_exits)
         ]
 
-    def _specs(self) -> dict[str, TensorSpec]:
-        specs: dict[str, TensorSpec] = {s.name: s for s in self.manifest.inputs}
-        for stage in self.manifest.stages:
-            for spec in [*stage.inputs, *stage.outputs]:
-                known = specs.setdefault(spec.name, spec)
-                if tuple(known.shape[1:]) != tuple(spec.shape[1:]) or known.dtype != spec.dtype:
-                    raise ConfigError(f"{self.manifest.path}: tensor {spec.name} has different "
-                                      f"shapes or dtypes in different stages")
-        return specs
-
-    def _allocate(self) -> None:
-        from trt_exit.runtime.cuda.memory import DeviceBuffer, PinnedBuffer
-        from trt_exit.runtime.cuda.stream import Event, Stream
-
-        mb = self.max_batch
-        self.specs = self._specs()
-        for k in range(self.num_exits):
-            for name in (tn.exit_output(k), tn.exit_confidence(k)):
-                if np.dtype(self.specs[name].dtype) != np.float32:
-                    raise ConfigError(f"{name} is {self.specs[name].dtype}; the gate reads "
-                                      f"float32 outputs and confidences (re-export with fp32 I/O)")
-        shapes = {tuple(self.specs[tn.exit_output(k)].shape[1:]) for k in range(self.num_exits)}
-        if len(shapes) != 1 or len(next(iter(shapes))) != 1:
-            raise ConfigError(f"exit outputs have shapes {sorted(shapes)}; the CUDA executor "
-                              f"needs every exit to output (B, K) with the same K")
-        self.num_outputs = int(next(iter(shapes))[0])
-        own = self._own
-        self.stream = own(Stream("executor stream"))
-        self._body_streams: list[Any] = []
-        self._sync_event = own(Event(timing=False))
-        self._producer_event = own(Event(timing=False))
-        self._time_events = (own(Event(timing=True)), own(Event(timing=True)))
-        self.buffers = {
-            name: own(DeviceBuffer(mb * _sample_bytes(spec), name))
-            for name, spec in self.specs.items()
-        }
-        self._addresses = {name: b.address for name, b in self.buffers.items()}
-        self._scratch = None
-        scratch = max((r.scratch_bytes() for r in self.runners.values()), default=0)
-        if scratch > 0:
-            self._scratch = own(DeviceBuffer(scratch, "shared scratch"))
-            for runner in self.runners.values():
-                runner.set_scratch(self._scratch.address, scratch)
-        # Results: exit index, confidence, output; the same layout on the device and pinned.
-        self._offsets = (0, _aligned(4 * mb), 2 * _aligned(4 * mb))
-        result_bytes = self._offsets[2] + 4 * mb * self.num_outputs
-        self.results_device = own(DeviceBuffer(result_bytes, "results"))
-        self.results_host = own(PinnedBuffer(result_bytes, what="results (host)"))
-        self.start_ns = own(DeviceBuffer(8, "start timestamp"))
-        self.flags = own(PinnedBuffer(4 * self.num_exits, mapped=True, what="poll flags"))
-        self.staging = {spec.name: own(PinnedBuffer(mb * _sample_bytes(spec), what=spec.name))
-                        for spec in self.manifest.inputs}
-        # Per exit: confidence and output copied back (eager strategy, all-exits, full model).
-        per_exit = _aligned(4 * mb) + _aligned(4 * mb * self.num_outputs)
-        self.readback = own(PinnedBuffer(per_exit * self.num_exits, what="per-exit readback"))
-        self._readback_stride = per_exit
-
-    def _own(self, resource):
-        self._owned.append(resource)
-        return resource
-
-    def _body_stream(self, level: int) -> int:
-        """Stream that captures the body of the IF node at nesting ``level`` (1-based)."""
-        from trt_exit.runtime.cuda.stream import Stream
-
-        while len(self._body_streams) < level:
-            self._body_streams.append(self._own(Stream(f"IF body {len(self._body_streams) + 1}")))
-        return self._body_streams[level - 1].handle
-
-    def _gate_kernels(self, conditional: bool) -> GateKernels:
-        if conditional not in self._gates:
-            self._gates[conditional] = GateKernels(self.device_info.compute_capability,
-                                                   conditional)
-        return self._gates[conditional]
-
     def kernels_unavailable(self, conditional: bool) -> str:
         """Why the gate kernels of graph (``conditional``) or poll mode cannot load ("" if they
         can): an NVRTC newer than the driver, no NVRTC, or a module the driver refuses."""
@@ -279,7 +203,7 @@ class CudaExecutor:
                 reason = version_mismatch(self.device_info.driver_version, 0,
                                           nvrtc_version()[0])
                 if not reason:
-                    self._gate_kernels(conditional)
+                    self.chain.gate_kernels(conditional)
             except CudaError as exc:
                 reason = str(exc)
             variant = "graph" if conditional else "poll"
@@ -319,12 +243,13 @@ class CudaExecutor:
 
         with contextlib.suppress(CudaError):
             make_current(self.device)
-        if getattr(self, "stream", None) is not None and self.stream.handle:
+        chain = getattr(self, "chain", None)
+        if chain is not None and getattr(chain, "stream", None) is not None and \
+                chain.stream.handle:
             with contextlib.suppress(CudaError):
-                self.stream.synchronize()
-        for graph in self._graphs.values():
-            graph.close()
-        self._graphs.clear()
+                chain.stream.synchronize()
+        if getattr(self, "_graph", None) is not None:
+            self._graph.close()
         if self._full is not None:
             self._full["runner"].close()
             for graph in self._full["graphs"].values():
@@ -334,11 +259,8 @@ class CudaExecutor:
             runner.close()
         self.runners.clear()
         self.backend.close()
-        for kernels in self._gates.values():
-            kernels.close()
-        self._gates.clear()
-        while self._owned:
-            self._owned.pop().close()
+        if chain is not None:
+            chain.close()
 
     def __enter__(self) -> "CudaExecutor":
         return self
@@ -361,7 +283,7 @@ class CudaExecutor:
             return fast
         feeds = validate_inputs(self.manifest, inputs, device_arrays=True)
         batch = 0
-        addresses = dict(self._addresses)
+        addresses = dict(self.chain.addresses)
         host_inputs: list[str] = []
         producers: list[int] = []
         for name, value in feeds.items():
@@ -381,7 +303,7 @@ class CudaExecutor:
                     f"the batch, or create the executor with max_batch={rows}")
             batch = rows
             if isinstance(value, np.ndarray):
-                np.copyto(self.staging[name].array(value.shape, value.dtype), value)
+                np.copyto(self.chain.staging[name].array(value.shape, value.dtype), value)
                 host_inputs.append(name)
             else:
                 addresses[name] = array.address
@@ -414,96 +336,9 @@ class CudaExecutor:
                 f"input {spec.name!r} has a batch of {shape[0]}, more than this executor's "
                 f"max_batch of {self.max_batch} (its buffers and engines are sized for that): "
                 f"split the batch, or create the executor with max_batch={shape[0]}")
-        addresses = dict(self._addresses)
+        addresses = dict(self.chain.addresses)
         addresses[spec.name] = array.address
         return int(shape[0]), addresses, [], [] if array.stream is None else [array.stream]
-
-    def _start(self, producers: list[int]) -> None:
-        """Orders the executor's stream after the inputs' producers (no host wait) and, with
-        ``device_timing``, marks the start of the run's GPU work."""
-        from trt_exit.runtime.cuda.stream import wait_for_producer
-
-        for producer in producers:
-            wait_for_producer(self.stream, producer, self._producer_event)
-        if self.device_timing:
-            self._time_events[0].record(self.stream.handle)
-            self._timed = True
-
-    # ------------------------------------------------------------------ enqueue helpers
-
-    def _copy_inputs(self, stream: int, host_inputs: list[str], batch: int) -> None:
-        from trt_exit.runtime.cuda.stream import copy_async
-
-        with nvtx_range("copy_inputs", "copy"):
-            for name in host_inputs:
-                copy_async(stream, self._addresses[name], self.staging[name].address,
-                           batch * _sample_bytes(self.specs[name]))
-
-    def _stage(self, name: str, stream: int, addresses: dict[str, int], batch: int) -> None:
-        with nvtx_range(name):
-            self.runners[name].enqueue(stream, addresses, batch)
-
-    def _result_address(self, which: int) -> int:
-        return self.results_device.address + self._offsets[which]
-
-    def _begin(self, kernels: GateKernels, stream: int, batch: int) -> None:
-        with nvtx_range("gate_begin", "gate"):
-            kernels.begin(stream, self._result_address(0), batch, self.start_ns.address)
-
-    def _gate(self, kernels: GateKernels, stream: int, params: GateParams, batch: int,
-              flag: int = 0, handle: Any = None) -> None:
-        k = params.exit_k
-        with nvtx_range(f"gate_{k}", "gate"):
-            kernels.gate(stream, params, confidence=self._addresses[tn.exit_confidence(k)],
-                         output=self._addresses[tn.exit_output(k)],
-                         exit_index=self._result_address(0),
-                         result_confidence=self._result_address(1),
-                         result_output=self._result_address(2), start_ns=self.start_ns.address,
-                         batch=batch, num_outputs=self.num_outputs, flag=flag, handle=handle)
-
-    def _copy_results(self, stream: int, batch: int) -> None:
-        from trt_exit.runtime.cuda.stream import copy_async
-
-        # One copy: exit index and confidence regions are max_batch long, the output's first
-        # `batch` rows follow them.
-        with nvtx_range("copy_results", "copy"):
-            copy_async(stream, self.results_host.address, self.results_device.address,
-                       self._offsets[2] + 4 * batch * self.num_outputs)
-
-    def _readback(self, stream: int, k: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
-        """Enqueues copying exit k's confidence and output to pinned memory; returns the host
-        views (valid after the next synchronization)."""
-        from trt_exit.runtime.cuda.stream import copy_async
-
-        base = k * self._readback_stride
-        out_offset = base + _aligned(4 * self.max_batch)
-        with nvtx_range(f"copy_exit_{k}", "copy"):
-            copy_async(stream, self.readback.address + base,
-                       self._addresses[tn.exit_confidence(k)], 4 * batch)
-            copy_async(stream, self.readback.address + out_offset,
-                       self._addresses[tn.exit_output(k)], 4 * batch * self.num_outputs)
-        return (self.readback.array((batch,), np.float32, base),
-                self.readback.array((batch, self.num_outputs), np.float32, out_offset))
-
-    def _synchronize(self) -> None:
-        """The host waits for the stream (the CUDA layer counts it: :attr:`host_syncs`); with
-        ``device_timing`` the end of the GPU work is marked first (the last mark counts)."""
-        if self._timed:
-            self._time_events[1].record(self.stream.handle)
-        with nvtx_range("synchronize", "copy"):
-            self.stream.synchronize()
-
-    def _host_results(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        host = self.results_host
-        return (host.array((batch,), np.int32, self._offsets[0]).copy(),
-                host.array((batch, self.num_outputs), np.float32, self._offsets[2]).copy(),
-                host.array((batch,), np.float32, self._offsets[1]).copy())
-
-    def _device_results(self, batch: int) -> DeviceResults:
-        buf = self.results_device
-        return DeviceResults(buf.view((batch,), np.int32, self._offsets[0]),
-                             buf.view((batch, self.num_outputs), np.float32, self._offsets[2]),
-                             buf.view((batch,), np.float32, self._offsets[1]))
 
     # ------------------------------------------------------------------ running
 
@@ -545,36 +380,31 @@ class CudaExecutor:
         strategy = self._strategy(strategy)
         policy = policy or self.policy
         plan = None if isinstance(policy, AllExitsPolicy) else self.plan(policy)  # validates
+        chain = self.chain
         syncs_before = host_syncs()
         began = time.perf_counter()
-        self._timed = False
+        chain.untimed()
         with nvtx_range(f"infer_{strategy}", "full"):
             batch, addresses, host_inputs, producers = self._bind(inputs)
             if plan is None:
-                results = self._run_all(batch, addresses, host_inputs, producers)
+                results = run_all_exits(chain, batch, addresses, host_inputs, producers)
                 strategy = "eager"
             else:
                 if strategy == "graph":
-                    results = self._run_graph(plan, batch, addresses, host_inputs, producers)
+                    results = self._graph.run(plan, batch, addresses, host_inputs, producers)
                     if results is None:
                         strategy = "poll" if not self.kernels_unavailable(False) else "eager"
                 if strategy == "poll":
-                    results = self._run_poll(plan, batch, addresses, host_inputs, producers)
+                    results = run_poll(chain, plan, batch, addresses, host_inputs, producers)
                 elif strategy == "eager":
-                    results = self._run_eager(plan, batch, addresses, host_inputs, producers,
-                                              began)
+                    results = run_eager(chain, plan, batch, addresses, host_inputs, producers,
+                                        began)
         results.latency_ms = (time.perf_counter() - began) * 1e3
         results.strategy = strategy
         results.host_syncs = host_syncs() - syncs_before
         results.value_columns = self.manifest.value_columns
-        self.last_device_ms = self._device_ms()
+        self.last_device_ms = chain.device_ms()
         return results
-
-    def _device_ms(self) -> float | None:
-        if not self._timed:
-            return None
-        self._timed = False
-        return self._time_events[1].elapsed_ms(self._time_events[0])
 
     def _strategy(self, strategy: str | None) -> str:
         if strategy is None or strategy == "auto" or strategy == self.strategy:
@@ -583,184 +413,9 @@ class CudaExecutor:
             raise ConfigError(f"unknown strategy {strategy!r}; choose auto, graph, poll or eager")
         return self._choose_strategy(strategy)
 
-    def _results(self, batch: int, with_device: bool) -> ExitResults:
-        exit_index, output, confidence = self._host_results(batch)
-        return ExitResults(exit_index, output, confidence, self.manifest.task, 0.0,
-                           device=self._device_results(batch) if with_device else None)
-
-    # graph ----------------------------------------------------------------
-
-    def _run_graph(self, plan: ExitPlan, batch: int, addresses: dict[str, int],
-                   host_inputs: list[str], producers: list[int]) -> ExitResults | None:
-        """One graph launch, one synchronization; None if the chain cannot be captured."""
-        bound = tuple((s.name, addresses[s.name]) for s in self.manifest.inputs)
-        key = (plan.key, batch, bound, tuple(host_inputs))
-        graph = self._graphs.get(key)
-        if graph is None:
-            if plan.key in self._graph_failures:
-                return None
-            # The capture's warm-up reads the inputs: order it after their producers first.
-            self._start(producers)
-            self._timed = False
-            try:
-                graph = self._capture(plan, batch, addresses, host_inputs)
-            except CudaError as exc:  # CaptureError, or any failure while making the graph
-                self._graph_failures[plan.key] = str(exc)
-                log.warning("CUDA executor: the exit chain could not be captured as a CUDA "
-                            "graph (%s); polling for this policy instead", exc)
-                return None
-            self.captures += 1
-            self._remember(self._graphs, key, graph)
-        else:
-            self._graphs.move_to_end(key)
-        self._start(producers)
-        with nvtx_range("graph_launch"):
-            graph.launch(self.stream.handle)
-        self._synchronize()
-        return self._results(batch, with_device=True)
-
     def graph_conditional_nodes(self) -> list[int]:
         """IF nodes of each cached exit-chain graph (as captured; for tests and benchmarks)."""
-        return [graph.conditional_nodes for graph in self._graphs.values()]
-
-    def _remember(self, cache: collections.OrderedDict, key: tuple, graph: Any) -> None:
-        cache[key] = graph
-        while len(cache) > self.graph_cache_size:
-            _, old = cache.popitem(last=False)
-            old.close()  # not in flight: every run ends with a synchronization
-
-    def _warm_up(self, steps: list[ChainStep], batch: int, addresses: dict[str, int],
-                 streams: list[int]) -> None:
-        """Runs the chain's stages once on every stream the capture will use, so that lazy
-        allocations (TensorRT's first run, PyTorch's per-stream workspaces) happen before
-        capturing, not during it."""
-        from trt_exit.runtime.cuda.stream import stream_wait
-
-        main = self.stream.handle
-        for stream in streams:  # one after another: each waits for the previous one
-            self._sync_event.record(main)
-            stream_wait(stream, self._sync_event)
-            for step in steps:
-                if step.stage:
-                    self._stage(step.stage, stream, addresses, batch)
-            self._sync_event.record(stream)
-            stream_wait(main, self._sync_event)
-        self._synchronize()
-
-    def _capture(self, plan: ExitPlan, batch: int, addresses: dict[str, int],
-                 host_inputs: list[str]) -> Any:
-        from trt_exit.runtime.cuda.graph import CaptureError, GraphCapture
-
-        kernels = self._gate_kernels(conditional=True)
-        main = self.stream.handle
-        steps = chain_steps(plan)
-        levels = conditional_nodes(plan)
-        streams = [main] + [self._body_stream(level) for level in range(1, levels + 1)]
-        self._copy_inputs(main, host_inputs, batch)
-        self._warm_up(steps, batch, addresses, streams)
-        with GraphCapture(main, what=f"exit chain (batch {batch})",
-                          context=self.device_info.context) as capture:
-            self._begin(kernels, main, batch)
-            self._copy_inputs(main, host_inputs, batch)
-            with contextlib.ExitStack() as bodies:
-                stream, level = main, 0
-                for step in steps:
-                    if step.stage:
-                        self._stage(step.stage, stream, addresses, batch)
-                    elif not step.branches:
-                        self._gate(kernels, stream, step.gate, batch)
-                    else:
-                        handle = capture.conditional_handle(stream)
-                        self._gate(kernels, stream, step.gate, batch, handle=handle)
-                        level += 1
-                        stream = bodies.enter_context(
-                            capture.if_body(stream, handle, streams[level]))
-            self._copy_results(main, batch)
-        graph = capture.instantiate()
-        if graph.conditional_nodes != levels:
-            graph.close()
-            raise CaptureError(f"the graph holds {graph.conditional_nodes} IF nodes, the plan "
-                               f"{levels}")
-        try:
-            graph.upload(main)
-        except CaptureError:
-            graph.close()
-            raise
-        return graph
-
-    # poll -----------------------------------------------------------------
-
-    def _run_poll(self, plan: ExitPlan, batch: int, addresses: dict[str, int],
-                  host_inputs: list[str], producers: list[int]) -> ExitResults:
-        """One host wait per gate evaluated: the results are copied back behind every gate, so
-        the wait that reads a "stop" flag also delivers them."""
-        kernels = self._gate_kernels(conditional=False)
-        main = self.stream.handle
-        flags = self.flags.array((self.num_exits,), np.uint32)
-        self._start(producers)
-        self._begin(kernels, main, batch)
-        self._copy_inputs(main, host_inputs, batch)
-        for step in chain_steps(plan):
-            if step.stage:
-                self._stage(step.stage, main, addresses, batch)
-                continue
-            k = step.gate.exit_k
-            self._gate(kernels, main, step.gate, batch,
-                       flag=self.flags.device_address + 4 * k if step.branches else 0)
-            self._copy_results(main, batch)
-            self._synchronize()
-            if not step.branches or not flags[k]:
-                break
-        return self._results(batch, with_device=True)
-
-    # eager ----------------------------------------------------------------
-
-    def _run_eager(self, plan: ExitPlan, batch: int, addresses: dict[str, int],
-                   host_inputs: list[str], producers: list[int], began: float) -> ExitResults:
-        main = self.stream.handle
-        self._start(producers)
-        self._copy_inputs(main, host_inputs, batch)
-        exit_index = np.full(batch, -1, np.int32)
-        output = np.zeros((batch, self.num_outputs), np.float32)
-        confidence = np.zeros(batch, np.float32)
-        running = np.ones(batch, dtype=bool)
-        for step in chain_steps(plan):
-            if step.stage:
-                self._stage(step.stage, main, addresses, batch)
-                continue
-            gate = step.gate
-            k = gate.exit_k
-            conf_k, out_k = self._readback(main, k, batch)
-            self._synchronize()
-            over = gate.deadline and (
-                (time.perf_counter() - began) * 1e9 + gate.next_ns > gate.budget_ns)
-            done = gate_on_host(gate, conf_k, running, over)
-            exit_index[done] = k
-            output[done] = out_k[done]
-            confidence[done] = conf_k[done]
-            running &= ~done
-            if not running.any():
-                break
-        return ExitResults(exit_index, output, confidence, self.manifest.task, 0.0)
-
-    # all exits ------------------------------------------------------------
-
-    def _run_all(self, batch: int, addresses: dict[str, int], host_inputs: list[str],
-                 producers: list[int]) -> ExitResults:
-        main = self.stream.handle
-        self._start(producers)
-        self._copy_inputs(main, host_inputs, batch)
-        views = []
-        for k in range(self.num_exits):
-            self._stage(tn.stage_name(tn.SEGMENT, k), main, addresses, batch)
-            self._stage(tn.stage_name(tn.EXIT, k), main, addresses, batch)
-            views.append(self._readback(main, k, batch))
-        self._synchronize()
-        confidences = np.stack([c.copy() for c, _ in views])
-        outputs = np.stack([o.copy() for _, o in views])
-        final = self.num_exits - 1
-        return ExitResults(np.full(batch, final, np.int32), outputs[-1].copy(),
-                           confidences[-1].copy(), self.manifest.task, 0.0, outputs, confidences)
+        return self._graph.conditional_nodes()
 
     # ------------------------------------------------------------------ baseline and profile
 
@@ -783,13 +438,13 @@ class CudaExecutor:
         runner = self._full["runner"]
         syncs_before = host_syncs()
         began = time.perf_counter()
-        self._timed = False
+        self.chain.untimed()
         batch, addresses, host_inputs, producers = self._bind(inputs)
         final = self.num_exits - 1
-        main = self.stream.handle
+        main = self.chain.stream.handle
 
         def enqueue(stream: int) -> None:
-            self._copy_inputs(stream, host_inputs, batch)
+            self.chain.copy_inputs(stream, host_inputs, batch)
             with nvtx_range("full"):
                 runner.enqueue(stream, addresses, batch)
 
@@ -800,16 +455,16 @@ class CudaExecutor:
             graph = self._full["graphs"].get(key)
             if graph is None:
                 try:
-                    self._start(producers)
-                    self._timed = False
+                    self.chain.start(producers)
+                    self.chain.untimed()
                     enqueue(main)  # warm-up outside the capture
-                    self._synchronize()
+                    self.chain.synchronize()
                     with GraphCapture(main, what="full model",
                                       context=self.device_info.context) as capture:
                         enqueue(main)
                     graph = capture.instantiate()
                     graph.upload(main)
-                    self._remember(self._full["graphs"], key, graph)
+                    remember(self._full["graphs"], key, graph, self.graph_cache_size)
                 except CudaError as exc:  # CaptureError, or any failure while making the graph
                     if graph is not None:
                         graph.close()
@@ -817,15 +472,15 @@ class CudaExecutor:
                     self._full["failed"] = str(exc)
                     log.warning("CUDA executor: the full model could not be captured (%s)", exc)
             if graph is not None:
-                self._start(producers)
+                self.chain.start(producers)
                 graph.launch(main)
                 used = "graph"
         if used == "eager":
-            self._start(producers)
+            self.chain.start(producers)
             enqueue(main)
-        confidence, output = self._readback(main, final, batch)
-        self._synchronize()
-        self.last_device_ms = self._device_ms()
+        confidence, output = self.chain.readback(main, final, batch)
+        self.chain.synchronize()
+        self.last_device_ms = self.chain.device_ms()
         return ExitResults(np.full(batch, final, np.int32), output.copy(), confidence.copy(),
                            self.manifest.task, (time.perf_counter() - began) * 1e3,
                            strategy=used, host_syncs=host_syncs() - syncs_before,
@@ -838,9 +493,9 @@ class CudaExecutor:
         need = runner.scratch_bytes()
         if need <= 0:
             return
-        block = self._scratch
+        block = self.chain.scratch
         if block is None or block.size_bytes < need:
-            block = self._own(DeviceBuffer(need, f"{runner.name} scratch"))
+            block = self.chain.own(DeviceBuffer(need, f"{runner.name} scratch"))
         runner.set_scratch(block.address, block.size_bytes)
 
     def profile_stages(self, inputs: Any, repeats: int = 100, warmup: int = 10,
@@ -870,14 +525,14 @@ class CudaExecutor:
             times[stage.name] = self._time_alone(
                 stage.name, lambda s, r=runner: r.enqueue(s, addresses, batch), repeats, warmup)
         if chain_overheads:
-            kernels = self._gate_kernels(conditional=False)
+            kernels = self.chain.gate_kernels(conditional=False)
             params = GateParams(0, use_threshold=True, threshold=1.0)
             times["gate_begin"] = self._time_alone(
-                "gate_begin", lambda s: self._begin(kernels, s, batch), repeats, warmup)
+                "gate_begin", lambda s: self.chain.begin(kernels, s, batch), repeats, warmup)
             times["gate"] = self._time_alone(
-                "gate", lambda s: self._gate(kernels, s, params, batch), repeats, warmup)
+                "gate", lambda s: self.chain.gate(kernels, s, params, batch), repeats, warmup)
             times["copy_results"] = self._time_alone(
-                "copy_results", lambda s: self._copy_results(s, batch), repeats, warmup)
+                "copy_results", lambda s: self.chain.copy_results(s, batch), repeats, warmup)
         return times
 
     def _time_alone(self, what: str, enqueue, repeats: int, warmup: int) -> float:
@@ -885,7 +540,7 @@ class CudaExecutor:
         from trt_exit.runtime.cuda.graph import GraphCapture
         from trt_exit.runtime.cuda.stream import Event
 
-        main = self.stream.handle
+        main = self.chain.stream.handle
         graph = None
         try:
             with GraphCapture(main, what=what, context=self.device_info.context) as capture:
@@ -916,10 +571,6 @@ class CudaExecutor:
         return {"executor": "cuda", "strategy": self.strategy,
                 "fallback_reason": self.fallback_reason, "max_batch": self.max_batch,
                 "device": self.device_info.to_dict(), **self.backend.describe()}
-
-
-def _sample_bytes(spec: TensorSpec) -> int:
-    return int(math.prod(spec.shape[1:])) * np.dtype(spec.dtype).itemsize
 
 
 def create_executor(manifest: Manifest | str | Path, backend: str = "torch",
