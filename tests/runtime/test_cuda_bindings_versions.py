@@ -41,7 +41,7 @@ MISSPELT = "driver.cuStreamBeginCaptur"
 STRUCT_FIELDS = {
     "driver.CUgraphNodeParams": ["type", "conditional.handle", "conditional.type",
                                  "conditional.size", "conditional.ctx", "conditional.phGraph_out"],
-    "runtime.cudaDeviceProp": ["name", "major", "minor", "totalGlobalMem"],
+    "runtime.cudaDeviceProp": ["name", "major", "minor", "totalGlobalMem", "integrated"],
     "runtime.cudaPointerAttributes": ["type", "device"],
 }
 

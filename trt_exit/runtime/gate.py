@@ -26,11 +26,14 @@ driver). One block does the whole batch: batches are small, and a block-wide red
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from trt_exit.errors import CudaError
+from trt_exit.profiling.jetson import is_jetson
 from trt_exit.runtime.cuda.module import (
     FLOAT32,
     INT32,
@@ -41,6 +44,8 @@ from trt_exit.runtime.cuda.module import (
     compile_for_device,
     compile_ptx,
 )
+
+log = logging.getLogger(__name__)
 
 BEGIN_KERNEL = "trt_exit_begin"
 GATE_KERNEL = "trt_exit_gate"
@@ -226,6 +231,15 @@ class GateKernels:
         image, self.target = gate_image(compute_capability, conditional)
         self.module = Module(image, f"gate kernels ({'graph' if conditional else 'poll'} "
                                     f"variant, {self.target})")
+        # Resolve both kernels now: under lazy loading (CUDA_MODULE_LOADING=LAZY, the default
+        # since CUDA 12.2) a module's kernels load at cuModuleGetFunction, which must not
+        # happen for the first time inside a stream capture (the graph strategy's first use).
+        try:
+            for name in (BEGIN_KERNEL, GATE_KERNEL):
+                self.module.function(name)
+        except BaseException:
+            self.module.close()
+            raise
 
     def begin(self, stream: int, exit_index: int, batch: int, start_ns: int) -> None:
         """Enqueues ``trt_exit_begin``."""
@@ -254,3 +268,45 @@ class GateKernels:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def load_gate_kernels(compute_capability: tuple[int, int], conditional: bool,
+                      driver_version: int) -> GateKernels:
+    """:class:`GateKernels` for the current GPU, or why not, with the versions involved.
+
+    Args:
+        compute_capability: The GPU's, e.g. ``(8, 7)`` on Orin.
+        conditional: The graph-mode variant.
+        driver_version: What ``cuDriverGetVersion`` reports (e.g. 12060).
+
+    Raises:
+        CudaError: NVRTC is newer (major version) than the driver, or is missing, or the kernels
+            do not compile or load. A compile or load failure is also logged at WARNING with the
+            NVRTC (version and library), its target, the driver's CUDA version and
+            cuda-bindings' version: a CUBIN from a newer NVRTC of the driver's major version
+            relies on minor version compatibility, which NVIDIA does not confirm for Jetson.
+    """
+    from trt_exit.runtime.cuda.api import binding_version, format_version, version_mismatch
+    from trt_exit.runtime.cuda.module import jetpack_nvrtc, nvrtc_library, nvrtc_version
+
+    mismatch = version_mismatch(driver_version, 0, nvrtc_version()[0])
+    if mismatch:
+        raise CudaError(mismatch)
+    target = "?"
+    try:
+        _, target = gate_image(compute_capability, conditional)
+        return GateKernels(compute_capability, conditional)
+    except (CudaError, RuntimeError) as exc:  # RuntimeError: a CUDA library not found
+        versions = (f"NVRTC {'.'.join(map(str, nvrtc_version()))} "
+                    f"({nvrtc_library() or 'library path unknown'}) compiled {target} for "
+                    f"compute capability {'.'.join(map(str, compute_capability))}; the driver "
+                    f"supports CUDA {format_version(driver_version)}; cuda-bindings "
+                    f"{'.'.join(map(str, binding_version()))}")
+        hint = ""
+        if jetpack_nvrtc() is None and is_jetson():
+            hint = ("; on a Jetson, install JetPack's CUDA toolkit (its NVRTC in /usr/local/cuda "
+                    "matches the driver and is preferred over a pip wheel's)")
+        message = f"{exc} [{versions}]{hint}"
+        log.warning("the %s-mode gate kernels do not load: %s",
+                    "graph" if conditional else "poll", message)
+        raise CudaError(message) from exc

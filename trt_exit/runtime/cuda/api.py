@@ -207,6 +207,77 @@ def require_cuda() -> CudaStatus:
     return status
 
 
+#: How a host thread waits for the GPU (``cudaDeviceSchedule*``), by name.
+SYNC_MODES = ("auto", "spin", "yield", "blocking")
+#: The default per platform, and on what it rests (see :func:`default_sync_mode`).
+SYNC_MODE_DEFAULTS = {
+    "integrated": ("spin", "assumed, not measured here: on Jetson the driver's auto mode may "
+                           "pick blocking sync on low-power profiles (CUDA docs), which cost "
+                           "~15 % latency (llama.cpp#16585, autoware_universe#10523)"),
+    "discrete": ("auto", "the driver's heuristic (spins while the process has no more CUDA "
+                         "contexts than CPU cores); benchmarks/executor.py measures every mode"),
+}
+
+
+def default_sync_mode(integrated: bool) -> tuple[str, str]:
+    """The host-wait mode the executor uses unless told otherwise, and why.
+
+    Args:
+        integrated: The GPU shares memory with the CPU (Jetson; ``cudaDeviceProp.integrated``).
+
+    Returns:
+        ``(mode, basis)``: ``spin`` on integrated GPUs, ``auto`` (the driver's heuristic) on
+        discrete ones; ``basis`` says whether that was measured or assumed.
+    """
+    return SYNC_MODE_DEFAULTS["integrated" if integrated else "discrete"]
+
+
+def sync_flag(mode: str) -> int:
+    """The ``cudaDeviceSchedule*`` flag of a mode name (:data:`SYNC_MODES`).
+
+    Raises:
+        ConfigError: An unknown mode.
+    """
+    from trt_exit.errors import ConfigError
+
+    if mode not in SYNC_MODES:
+        raise ConfigError(f"unknown sync mode {mode!r}; choose {', '.join(SYNC_MODES)}")
+    _, runtime, _ = bindings()
+    return {"auto": runtime.cudaDeviceScheduleAuto, "spin": runtime.cudaDeviceScheduleSpin,
+            "yield": runtime.cudaDeviceScheduleYield,
+            "blocking": runtime.cudaDeviceScheduleBlockingSync}[mode]
+
+
+def set_sync_mode(mode: str) -> str:
+    """Sets how host threads wait for the current GPU (its primary context: PyTorch and every
+    other user of the context in this process wait the same way) and reads it back.
+
+    ``cudaSetDeviceFlags`` on a device whose primary context exists overwrites its flags (as
+    the CUDA 12.9 and 13.x runtimes document it; much older runtimes refused with
+    ``cudaErrorSetOnActiveProcess``, which surfaces here as a :class:`CudaError`); only the
+    scheduling bits are passed (mapped pinned memory is implicit for the runtime).
+
+    Returns:
+        The mode now in effect, as read back with ``cudaGetDeviceFlags``.
+
+    Raises:
+        ConfigError: An unknown mode.
+        CudaError: The driver refused.
+    """
+    _, runtime, _ = bindings()
+    check(runtime.cudaSetDeviceFlags(sync_flag(mode)), f"cudaSetDeviceFlags ({mode})")
+    return current_sync_mode()
+
+
+def current_sync_mode() -> str:
+    """How host threads wait for the current GPU now (:data:`SYNC_MODES`)."""
+    _, runtime, _ = bindings()
+    flags = int(check(runtime.cudaGetDeviceFlags(), "cudaGetDeviceFlags"))
+    schedule = flags & int(runtime.cudaDeviceScheduleMask)
+    names = {int(sync_flag(m)): m for m in SYNC_MODES}
+    return names.get(schedule, f"flags {schedule:#x}")
+
+
 @dataclass(frozen=True)
 class DeviceInfo:
     """The GPU an executor runs on.
@@ -218,6 +289,7 @@ class DeviceInfo:
         driver_version: CUDA version the driver supports (e.g. 12060).
         runtime_version: CUDA version of the bindings' runtime.
         total_memory_bytes: Global memory.
+        integrated: The GPU shares memory with the CPU (a Jetson).
         context: Its primary context (``CUcontext``): where the executor creates conditional
             handles and IF nodes, whatever is current when it does.
     """
@@ -228,6 +300,7 @@ class DeviceInfo:
     driver_version: int
     runtime_version: int
     total_memory_bytes: int
+    integrated: bool = False
     context: Any = field(default=None, compare=False, repr=False)
 
     @property
@@ -239,7 +312,7 @@ class DeviceInfo:
                 "compute_capability": ".".join(map(str, self.compute_capability)),
                 "driver_cuda_version": format_version(self.driver_version),
                 "runtime_cuda_version": format_version(self.runtime_version),
-                "total_memory_bytes": self.total_memory_bytes}
+                "total_memory_bytes": self.total_memory_bytes, "integrated": self.integrated}
 
 
 def format_version(version: int) -> str:
@@ -268,7 +341,8 @@ def use_device(index: int = 0) -> DeviceInfo:
     name = props.name
     name = name.split(b"\0")[0].decode() if isinstance(name, bytes) else str(name)
     return DeviceInfo(index, name, (int(props.major), int(props.minor)), status.driver_version,
-                      status.runtime_version, int(props.totalGlobalMem), context)
+                      status.runtime_version, int(props.totalGlobalMem), bool(props.integrated),
+                      context)
 
 
 def make_current(index: int) -> None:

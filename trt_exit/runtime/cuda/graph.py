@@ -9,12 +9,17 @@ each level of nesting captures on its own stream.
 
 Body graphs may only hold kernel, memcpy, memset, empty, child-graph and conditional nodes; work
 that records events or calls host functions fails to capture there (:class:`CaptureError`).
+
+What a graph holds is read back from the driver after the capture (:func:`census`:
+``cuGraphGetNodes`` / ``cuGraphNodeGetType`` on the top graph and on every IF body), so a check
+of a captured graph compares the plan with the driver, not with the capture's own bookkeeping.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 from trt_exit.errors import CudaError, CudaUnavailableError
 from trt_exit.runtime.cuda import compat
@@ -35,15 +40,112 @@ def capture_mode(name: str = "relaxed") -> Any:
             "relaxed": modes.CU_STREAM_CAPTURE_MODE_RELAXED}[name]
 
 
-class GraphExec:
-    """An instantiated graph (``cudaGraphExec_t``): launch it as one unit of work."""
+NODE_TYPE_PREFIX = "CU_GRAPH_NODE_TYPE_"
 
-    def __init__(self, graph: Any, what: str = "graph", conditional_nodes: int = 0):
+
+@dataclass(frozen=True)
+class GraphCensus:
+    """The nodes a graph holds as the driver reports them, by nesting level.
+
+    Attributes:
+        levels: Level 0 is the top graph, level i + 1 the bodies of the conditional nodes of
+            level i; per level, node type (``kernel``, ``memcpy``, ``conditional``, ...) ->
+            count.
+        unknown_bodies: Conditional nodes whose body graph the capture did not record (their
+            contents are not counted).
+    """
+
+    levels: tuple[dict[str, int], ...]
+    unknown_bodies: int = 0
+
+    def per_level(self, kind: str) -> list[int]:
+        """Nodes of type ``kind`` at each level."""
+        return [level.get(kind, 0) for level in self.levels]
+
+    @property
+    def conditional_nodes(self) -> int:
+        """Conditional (IF) nodes at every level."""
+        return sum(self.per_level("conditional"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"levels": [dict(level) for level in self.levels],
+                "unknown_bodies": self.unknown_bodies}
+
+
+def census(graph: Any, bodies: dict[int, Any], nodes_of: Callable[[Any], list],
+           type_of: Callable[[Any], str]) -> GraphCensus:
+    """Counts the nodes of ``graph`` and of every conditional body below it, level by level.
+
+    Args:
+        graph: The top graph.
+        bodies: Body graph of each conditional node the capture added, by ``int(node)``.
+        nodes_of: The nodes of a graph (:func:`graph_nodes`).
+        type_of: A node's type name (:func:`node_type`).
+    """
+    levels: list[dict[str, int]] = []
+    unknown = 0
+    current = [graph]
+    while current:
+        counts: dict[str, int] = {}
+        below = []
+        for g in current:
+            for node in nodes_of(g):
+                kind = type_of(node)
+                counts[kind] = counts.get(kind, 0) + 1
+                if kind == "conditional":
+                    body = bodies.get(int(node))
+                    if body is None:
+                        unknown += 1
+                    else:
+                        below.append(body)
+        levels.append(counts)
+        current = below
+    return GraphCensus(tuple(levels), unknown)
+
+
+def graph_nodes(graph: Any) -> list:
+    """The nodes of a graph (``cuGraphGetNodes``: count first, then the nodes)."""
+    driver, _, _ = bindings()
+    _, count = check(driver.cuGraphGetNodes(graph), "cuGraphGetNodes (count)")
+    if not count:
+        return []
+    nodes, _ = check(driver.cuGraphGetNodes(graph, count), "cuGraphGetNodes")
+    return list(nodes)[:count]
+
+
+def node_type(node: Any) -> str:
+    """A node's type as a short name (``CU_GRAPH_NODE_TYPE_KERNEL`` -> ``kernel``)."""
+    driver, _, _ = bindings()
+    kind = check(driver.cuGraphNodeGetType(node), "cuGraphNodeGetType")
+    name = getattr(kind, "name", str(kind))
+    return name[len(NODE_TYPE_PREFIX):].lower() if name.startswith(NODE_TYPE_PREFIX) else name
+
+
+class GraphExec:
+    """An instantiated graph (``cudaGraphExec_t``): launch it as one unit of work.
+
+    It keeps the graph it was instantiated from (its template) until :meth:`close`: updating a
+    node of the executable graph (:meth:`set_copy`) names the node of the template.
+
+    Args:
+        graph: The template (``CUgraph``); owned from here on (destroyed by :meth:`close`).
+        what: For messages.
+        census: What the driver holds in the template (:func:`census`).
+    """
+
+    def __init__(self, graph: Any, what: str = "graph", census: GraphCensus | None = None):
         _, runtime, _ = bindings()
         self.what = what
-        #: IF nodes in the graph (at every nesting level).
-        self.conditional_nodes = conditional_nodes
+        self.census = census or GraphCensus(())
+        #: IF nodes in the graph (at every nesting level), as the driver reports them.
+        self.conditional_nodes = self.census.conditional_nodes
+        #: Launches so far (the first one is where a broken graph shows).
+        self.launches = 0
+        self._template = None
         self._exec = check(runtime.cudaGraphInstantiate(graph, 0), f"cudaGraphInstantiate ({what})")
+        self._template = graph
+        #: Source address each updatable copy node reads now, by node (see :meth:`set_copy`).
+        self.copy_sources: dict[int, int] = {}
 
     def upload(self, stream: int) -> None:
         """Uploads the graph's resources ahead of the first launch (keeps it off the timing).
@@ -58,14 +160,40 @@ class GraphExec:
             raise CaptureError(f"uploading {self.what} failed: {exc}") from exc
 
     def launch(self, stream: int) -> None:
+        """Enqueues the graph on ``stream``.
+
+        Raises:
+            CudaError: The launch failed (``cudaGraphLaunch``'s error).
+        """
         _, runtime, _ = bindings()
+        self.launches += 1
         check(runtime.cudaGraphLaunch(self._exec, stream), f"cudaGraphLaunch ({self.what})")
 
+    def set_copy(self, node: Any, dst: int, src: int, size_bytes: int) -> None:
+        """Points a 1-D memcpy node of the graph at ``src`` (and ``dst``) for later launches
+        (``cudaGraphExecMemcpyNodeSetParams1D``; the memory must come from the same context as
+        the captured copy's). Skipped when the node already reads ``src``.
+
+        Raises:
+            CudaError: The driver refused the update.
+        """
+        if self.copy_sources.get(int(node)) == src:
+            return
+        _, runtime, _ = bindings()
+        check(runtime.cudaGraphExecMemcpyNodeSetParams1D(
+            self._exec, node, dst, src, size_bytes, runtime.cudaMemcpyKind.cudaMemcpyDefault),
+            f"cudaGraphExecMemcpyNodeSetParams1D ({self.what}, {size_bytes} bytes)")
+        self.copy_sources[int(node)] = src
+
     def close(self) -> None:
+        """Destroys the executable graph, then its template (IF bodies included)."""
+        driver, runtime, _ = bindings()
         if self._exec is not None:
-            _, runtime, _ = bindings()
             graph_exec, self._exec = self._exec, None
             check(runtime.cudaGraphExecDestroy(graph_exec), f"cudaGraphExecDestroy ({self.what})")
+        if self._template is not None:
+            template, self._template = self._template, None
+            check(driver.cuGraphDestroy(template), f"cuGraphDestroy ({self.what})")
 
     def __enter__(self) -> "GraphExec":
         return self
@@ -105,10 +233,11 @@ class GraphCapture:
         self.mode = mode
         self.what = what
         self.context = context
-        #: IF nodes added so far.
+        #: IF nodes added so far (the capture's own count; :func:`census` asks the driver).
         self.conditional_nodes = 0
         self._open: list[int] = []  # streams capturing, outermost first
         self._graph: Any = None
+        self._bodies: dict[int, Any] = {}  # body graph of each IF node, by int(node)
 
     def _context(self) -> Any:
         if self.context is None:
@@ -187,6 +316,7 @@ class GraphCapture:
         self.conditional_nodes += 1
         compat.set_capture_dependencies(stream, [node])
         body = params.conditional.phGraph_out[0]
+        self._bodies[int(node)] = body
         compat.begin_capture_to_graph(body_stream, body, capture_mode(self.mode))
         self._open.append(body_stream)
         yield body_stream
@@ -198,18 +328,35 @@ class GraphCapture:
                                f"{exc}") from exc
         self._open.pop()
 
+    def last_node(self, stream: int) -> Any:
+        """The node the work just enqueued on ``stream`` became (its one capture dependency).
+
+        Raises:
+            CaptureError: ``stream`` is not capturing, or its last work is not one node.
+        """
+        info = compat.capture_info(stream)
+        if not info.active or len(info.dependencies) != 1:
+            raise CaptureError(f"{self.what}: the last captured operation on stream "
+                               f"{stream:#x} is not a single node")
+        return info.dependencies[0]
+
     def instantiate(self) -> GraphExec:
-        """Instantiates the captured graph (then frees the template)."""
+        """Counts what the driver holds (:func:`census`) and instantiates the captured graph;
+        the :class:`GraphExec` owns the template from then on.
+
+        Raises:
+            CaptureError: Reading the graph back or instantiating it failed.
+        """
         if self._graph is None:
             raise CaptureError(f"{self.what}: nothing captured yet")
         driver, _, _ = bindings()
         graph, self._graph = self._graph, None
         try:
-            return GraphExec(graph, self.what, self.conditional_nodes)
-        except CudaError as exc:
-            raise CaptureError(f"instantiating {self.what} failed: {exc}") from exc
-        finally:
+            held = census(graph, self._bodies, graph_nodes, node_type)
+            return GraphExec(graph, self.what, held)
+        except (CudaError, RuntimeError) as exc:
             driver.cuGraphDestroy(graph)
+            raise CaptureError(f"instantiating {self.what} failed: {exc}") from exc
 
 
 def require_conditional_nodes(driver_version: int) -> None:

@@ -31,9 +31,11 @@ class DeviceBuffer:
         self.address = int(check(runtime.cudaMalloc(self.size_bytes),
                                  f"cudaMalloc({self.size_bytes}) for {what}"))
 
-    def view(self, shape: tuple[int, ...], dtype: Any, offset_bytes: int = 0) -> "DeviceView":
-        """A ``__cuda_array_interface__`` view into this buffer (owns nothing)."""
-        view = DeviceView(self.address + offset_bytes, tuple(shape), np.dtype(dtype))
+    def view(self, shape: tuple[int, ...], dtype: Any, offset_bytes: int = 0,
+             stream: int | None = None) -> "DeviceView":
+        """A ``__cuda_array_interface__`` view into this buffer (owns nothing); ``stream``: the
+        stream that writes it, which a consumer must order itself after."""
+        view = DeviceView(self.address + offset_bytes, tuple(shape), np.dtype(dtype), stream)
         if offset_bytes + view.nbytes > self.size_bytes:
             raise ValueError(f"view of {view.nbytes} bytes at {offset_bytes} exceeds {self.what}")
         return view
@@ -107,11 +109,17 @@ class PinnedBuffer:
 class DeviceView:
     """A C-contiguous array in device memory it does not own, exported through
     ``__cuda_array_interface__`` (version 3) so torch, CuPy or Numba can wrap it without a copy
-    (``torch.as_tensor(view, device="cuda")``)."""
+    (``torch.as_tensor(view, device="cuda")``).
+
+    ``stream`` is the stream that writes the memory (the interface's ``stream`` key): a
+    consumer that honours version 3 (CuPy, Numba) orders its reads after that stream's work.
+    None: no synchronization is needed.
+    """
 
     address: int
     shape: tuple[int, ...]
     dtype: np.dtype
+    stream: int | None = None
 
     @property
     def nbytes(self) -> int:
@@ -120,7 +128,7 @@ class DeviceView:
     @property
     def __cuda_array_interface__(self) -> dict[str, Any]:
         return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.address, False),
-                "strides": None, "version": 3, "stream": None}
+                "strides": None, "version": 3, "stream": self.stream}
 
 
 @dataclass(frozen=True)

@@ -6,26 +6,86 @@ its own architecture when this NVRTC knows it (no JIT at load time, and CUDA's m
 compatibility lets an NVRTC newer than the driver within one major version produce it: NVRTC
 12.9 for JetPack 6's CUDA 12.6 driver), else PTX for the newest older target, which the driver
 JIT-compiles (and which it refuses when NVRTC is newer than the driver).
+
+On a Jetson, JetPack's own NVRTC (``/usr/local/cuda``) is preferred over a pip wheel's
+(:func:`prefer_jetpack_nvrtc`): it matches the driver exactly, whereas a CUBIN from pip's newer
+NVRTC 12.9 on JetPack 6's CUDA 12.6 driver relies on minor version compatibility, which NVIDIA
+does not confirm for Tegra.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 from trt_exit.errors import CudaError
+from trt_exit.profiling.jetson import TEGRA_RELEASE, is_jetson
 from trt_exit.runtime.cuda.api import bindings, check
+
+#: Where JetPack (L4T) installs the CUDA toolkit's libraries, NVRTC among them.
+JETPACK_CUDA_LIBS = ("/usr/local/cuda/lib64", "/usr/local/cuda/targets/aarch64-linux/lib")
+
+
+def jetpack_nvrtc(release_file: str | os.PathLike = TEGRA_RELEASE,
+                  folders: Sequence[str | os.PathLike] = JETPACK_CUDA_LIBS) -> Path | None:
+    """JetPack's own ``libnvrtc.so.<major>`` on a Jetson; None elsewhere or where it is absent
+    (a JetPack without the CUDA toolkit)."""
+    if not is_jetson(release_file):
+        return None
+    for folder in folders:
+        libraries = sorted(Path(folder).glob("libnvrtc.so.*"))
+        for library in libraries:
+            if re.fullmatch(r"libnvrtc\.so\.\d+", library.name):
+                return library
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def prefer_jetpack_nvrtc() -> str | None:
+    """Loads JetPack's NVRTC (:func:`jetpack_nvrtc`) before cuda-bindings looks for one, so that
+    it is the NVRTC the gate kernels are compiled with; returns its path (None: not a Jetson,
+    or no JetPack NVRTC, or it did not load).
+
+    cuda-bindings finds its libraries with cuda-pathfinder, which takes a library already
+    loaded in the process over a pip wheel's; call this before the first NVRTC call.
+    """
+    library = jetpack_nvrtc()
+    if library is None:
+        return None
+    try:
+        ctypes.CDLL(str(library), mode=os.RTLD_GLOBAL)
+    except OSError:
+        return None
+    return str(library)
+
+
+def nvrtc_library() -> str | None:
+    """Path of the NVRTC library cuda-bindings uses (None if cuda-pathfinder cannot tell)."""
+    prefer_jetpack_nvrtc()
+    try:
+        from cuda.pathfinder import load_nvidia_dynamic_lib
+    except ImportError:  # cuda-bindings older than 12.9: no cuda-pathfinder
+        return None
+    try:
+        return load_nvidia_dynamic_lib("nvrtc").abs_path
+    except Exception:  # noqa: BLE001 - pathfinder's not-found errors vary by version
+        return None
 
 
 def nvrtc_version() -> tuple[int, int]:
-    """``(major, minor)`` of the NVRTC library the bindings load.
+    """``(major, minor)`` of the NVRTC library the bindings load (JetPack's own on a Jetson
+    where it is installed, :func:`prefer_jetpack_nvrtc`).
 
     Raises:
         CudaError: NVRTC cannot be loaded (``pip install nvidia-cuda-nvrtc``, or the cu12
             package on JetPack 6).
     """
+    prefer_jetpack_nvrtc()
     _, _, nvrtc = bindings()
     try:
         return tuple(check(nvrtc.nvrtcVersion(), "nvrtcVersion"))  # type: ignore[return-value]

@@ -124,6 +124,37 @@ def wait_for_producer(consumer: Stream, producer: Any, event: Event) -> None:
     consumer.wait(event)
 
 
+def stream_handle(stream: Any) -> int:
+    """A ``cudaStream_t`` as an int from what callers hold: an int, a torch stream
+    (``.cuda_stream``), a CuPy stream (``.ptr``), a Numba stream (``.handle``), or a
+    :class:`Stream`. 0 (the default stream) becomes 1, the legacy default stream it is.
+
+    Raises:
+        InputError: Anything else.
+    """
+    from trt_exit.errors import InputError
+
+    if isinstance(stream, Stream):
+        return stream.handle
+    if isinstance(stream, int) and not isinstance(stream, bool):
+        handle = stream
+    else:
+        for attribute in ("cuda_stream", "ptr", "handle"):
+            value = getattr(stream, attribute, None)
+            if isinstance(value, int):
+                handle = value
+                break
+            if value is not None and hasattr(value, "value"):  # numba: a ctypes c_void_p
+                handle = int(value.value or 0)
+                break
+        else:
+            raise InputError(f"{stream!r} is not a CUDA stream: pass a torch/CuPy/Numba stream "
+                             f"or its cudaStream_t as an int")
+    if handle < 0:
+        raise InputError(f"{handle} is not a cudaStream_t")
+    return handle or 1
+
+
 class _SyncCount(threading.local):
     count = 0
 
