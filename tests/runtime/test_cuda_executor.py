@@ -372,3 +372,145 @@ def test_fp16_runs_without_autocast_on_the_gpu(tiny_export, random_images):
     assert half.strategy == "graph"
     np.testing.assert_allclose(half.output, full.output, atol=2e-2)
     assert not np.array_equal(half.output, full.output)
+
+
+# --------------------------------------------------------------------------- issue 22, on a GPU
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_fresh_device_tensors_reuse_one_graph(gpu_executor, random_images):
+    """Item 9: the graph copies device inputs in as its first nodes, so a caller passing a new
+    tensor every call gets one capture per (policy, batch), not one per call."""
+    import torch
+
+    policy = ThresholdPolicy([0.3, 0.3])
+    expected = gpu_executor.run(random_images[:4], policy, strategy="eager")
+    gpu_executor.run(torch.from_numpy(random_images[:4]).cuda(), policy, strategy="graph")
+    captures = gpu_executor.captures
+    for _ in range(4):
+        fresh = torch.from_numpy(random_images[:4].copy()).cuda()  # a new address each time
+        got = gpu_executor.run(fresh, policy, strategy="graph")
+        assert got.strategy == "graph" and got.host_syncs == 1
+        np.testing.assert_array_equal(got.exit_index, expected.exit_index)
+        np.testing.assert_array_equal(got.output, expected.output)
+    assert gpu_executor.captures == captures
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_the_driver_holds_the_plans_if_nodes(gpu_executor, random_images):
+    """Item 6: the IF nodes are counted from what the driver reports, level by level."""
+    policy = ThresholdPolicy([0.3, 0.3])
+    assert gpu_executor.run(random_images[:2], policy, strategy="graph").strategy == "graph"
+    census = gpu_executor.graph_census(policy, 2)
+    levels = [level.get("conditional", 0) for level in census["levels"]]
+    assert levels == [1, 1, 0], census
+    assert all(level.get("kernel", 0) > 0 for level in census["levels"])
+    assert census["levels"][0].get("memcpy", 0) >= 2  # the input copied in, the results out
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_device_results_wait_for_a_consumer_handed_back(gpu_executor, random_images):
+    """Item 8: the result views export the executor's stream, and a consumer that hands them
+    back with wait_for_consumer is not overwritten by the next run."""
+    import torch
+
+    first = gpu_executor.run(random_images[:4], FixedExitPolicy(0), strategy="graph")
+    device = first.device
+    assert device.output.__cuda_array_interface__["stream"] == gpu_executor.stream.handle
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # the consumer's read starts ~25 ms late
+        copy = torch.as_tensor(device.output, device="cuda").clone()
+    gpu_executor.wait_for_consumer(side)
+    gpu_executor.run(random_images[8:12], FixedExitPolicy(2), strategy="graph")  # overwrites
+    side.synchronize()
+    np.testing.assert_array_equal(copy.cpu().numpy(), first.output)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_a_failing_first_launch_falls_back_to_poll(tiny_export, random_images, monkeypatch,
+                                                   caplog):
+    """Item 7: a graph whose first launch fails is closed and dropped, the reason recorded, and
+    the run polls (same results as eager)."""
+    from trt_exit.errors import CudaError
+    from trt_exit.runtime.cuda.graph import GraphExec
+    from trt_exit.runtime.cuda_executor import CudaExecutor
+
+    def failing_launch(self, stream):
+        self.launches += 1
+        raise CudaError("cudaGraphLaunch (probe) failed: cudaErrorLaunchFailure (simulated)")
+
+    policy = ThresholdPolicy([0.3, 0.3])
+    with CudaExecutor(tiny_export, "torch", max_batch=4) as executor:
+        expected = executor.run(random_images[:4], policy, strategy="eager")
+        monkeypatch.setattr(GraphExec, "launch", failing_launch)
+        with caplog.at_level("WARNING"):
+            got = executor.run(random_images[:4], policy, strategy="graph")
+        assert got.strategy == "poll"
+        np.testing.assert_array_equal(got.exit_index, expected.exit_index)
+        assert executor.graph_census(policy, 4) is None  # dropped
+        assert any("first launch failed" in f for f in executor.describe()["graph_failures"])
+        assert "first launch failed" in caplog.text
+        monkeypatch.undo()
+        assert executor.run(random_images[:4], policy, strategy="graph").strategy == "poll"
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_flat_chain_ideal_and_sync_modes(tiny_export, random_images):
+    """Items 5 and 11: the flat-graph ideal runs, and the host-wait mode is an option that is
+    applied, read back and reported."""
+    from trt_exit.runtime.cuda.api import set_sync_mode
+    from trt_exit.runtime.cuda_executor import CudaExecutor
+
+    policy = ThresholdPolicy([1.0, 0.0])  # exit 1 for every sample
+    try:
+        with CudaExecutor(tiny_export, "torch", max_batch=2, sync_mode="spin",
+                          device_timing=True) as executor:
+            assert executor.sync_mode == "spin"
+            assert executor.describe()["sync_mode"] == "spin"
+            assert executor.describe()["sync_mode_basis"] == "asked for"
+            ideal = executor.time_flat_chain(random_images[:2], policy, depth=1, repeats=20)
+            assert 0 < ideal < 1000
+            assert executor.run(random_images[:2], policy, strategy="graph").host_syncs >= 1
+            assert executor.last_device_ms > 0
+            assert set_sync_mode("blocking") == "blocking"
+            assert executor.run(random_images[:2], policy, strategy="graph").host_syncs == 1
+    finally:
+        set_sync_mode("auto")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gate_kernels_are_loaded_before_any_capture(gpu_executor):
+    """Item 10: under lazy module loading (the default) both kernels are loaded when the
+    GateKernels are made."""
+    from cuda.bindings import driver
+
+    from trt_exit.runtime.gate import BEGIN_KERNEL, GATE_KERNEL
+
+    if not hasattr(driver, "cuFuncIsLoaded") or gpu_executor.device_info.driver_version < 12040:
+        pytest.skip("cuFuncIsLoaded needs CUDA 12.4+")
+    kernels = gpu_executor.chain.gate_kernels(conditional=True)
+    loaded = driver.CUfunctionLoadingState.CU_FUNCTION_LOADING_STATE_LOADED
+    for name in (BEGIN_KERNEL, GATE_KERNEL):
+        status, state = driver.cuFuncIsLoaded(kernels.module.function(name))
+        assert int(status) == 0 and state == loaded, name
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_the_profile_records_the_cuda_strategy(gpu_executor, random_images):
+    """Item 4: profile.json says which strategy ran and why it is not another."""
+    from trt_exit.profiling.report import ProfileConfig, profile_executor
+
+    report = profile_executor(gpu_executor, {"image": random_images[:8]}, "torch",
+                              ProfileConfig(samples=5, warmup=1, stage_repeats=2),
+                              ThresholdPolicy([0.3, 0.3]))
+    assert report["executor"]["strategy"] == "graph"
+    assert report["end_to_end"]["strategies"] == {"graph": 5}
+    assert report["executor"]["sync_mode"] in ("auto", "spin", "yield", "blocking")

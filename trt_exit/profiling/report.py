@@ -114,6 +114,7 @@ def end_to_end(executor, inputs: dict[str, np.ndarray], config: ProfileConfig,
     for i in range(config.warmup):
         executor.run(feeds(i), policy)
     latencies, walls, exits = [], [], []
+    strategies: dict[str, int] = {}
     began = time.perf_counter()
     for i in range(config.samples):
         x = feeds(i)
@@ -123,6 +124,8 @@ def end_to_end(executor, inputs: dict[str, np.ndarray], config: ProfileConfig,
         walls.append((time.perf_counter() - t0) * 1e3)
         latencies.append(float(results.latency_ms))
         exits.extend(int(e) for e in np.asarray(results.exit_index).reshape(-1))
+        if getattr(results, "strategy", None):
+            strategies[results.strategy] = strategies.get(results.strategy, 0) + 1
     elapsed = time.perf_counter() - began
     histogram = np.bincount(exits, minlength=executor.num_exits).tolist()
     return {
@@ -133,6 +136,8 @@ def end_to_end(executor, inputs: dict[str, np.ndarray], config: ProfileConfig,
         "exit_histogram": histogram,
         "exit_fractions": [n / max(1, len(exits)) for n in histogram],
         "achieved_fps": config.samples * batch / elapsed,
+        # CUDA executor: how many runs each strategy drove (a fallback shows here).
+        "strategies": strategies,
         "elapsed_s": elapsed,
         "latency_samples_ms": [round(v, 4) for v in latencies],
     }
@@ -179,6 +184,10 @@ def profile_executor(executor, inputs: dict[str, np.ndarray], backend: str,
         else:
             report["gpu_times"] = "this executor does not expose its stages"
         report["end_to_end"] = end_to_end(executor, inputs, config, policy)
+    # After the runs: the CUDA executor's strategy, why it fell back, and graph failures.
+    describe = getattr(executor, "describe", None)
+    report["executor"] = describe() if callable(describe) else {
+        "executor": type(executor).__name__}
     if load_before is not None:
         report["load_average_1min"] = {"before": load_before[0], "after": os.getloadavg()[0]}
     report["machine"] = machine_info()
@@ -214,6 +223,14 @@ def format_profile(report: dict[str, Any]) -> str:
         "exits: " + ", ".join(f"{k}: {n} ({100 * n / total:.0f}%)"
                               for k, n in enumerate(e2e["exit_histogram"])),
     ]
+    executor = report.get("executor") or {}
+    if executor.get("strategy"):
+        ran = ", ".join(f"{s}: {n}" for s, n in e2e.get("strategies", {}).items())
+        lines.append(f"CUDA executor: {executor['strategy']} strategy (runs: {ran or '-'})"
+                     + (f"; fell back: {executor['fallback_reason']}"
+                        if executor.get("fallback_reason") else ""))
+        for failure in executor.get("graph_failures", []):
+            lines.append(f"  graph failure: {failure}")
     if report.get("jetson"):
         mode = report["jetson"].get("nvpmodel", {}).get("power_mode", {})
         lines.append(f"Jetson: {report['jetson'].get('model', '?')}, power mode "

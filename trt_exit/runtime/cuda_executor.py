@@ -19,20 +19,26 @@ earlier results, and says whether anything is left to run. Three strategies driv
 The plan (which stages and gates run, in the order every strategy walks them) is
 :mod:`trt_exit.runtime.cuda_plan`; each strategy is a module of
 :mod:`trt_exit.runtime.cuda_strategies` (``graph``, ``poll``, ``eager``) over one ``Chain``
-(the stream, buffers, gate kernels and enqueue steps they share). ``auto`` picks graph where the driver supports conditional
-nodes, else poll, else eager (only a strategy that can work). When a chain
-cannot be captured (a stage that records events or calls host code inside a conditional body,
-for example) the executor logs why and polls instead.
+(the stream, buffers, gate kernels and enqueue steps they share). ``auto`` picks graph where
+the driver supports conditional nodes, else poll, else eager (only a strategy that can work),
+and logs a fallback at WARNING. When a policy's chain cannot run as a graph (a stage that
+records events or calls host code inside a conditional body, a graph the driver reports other
+than the plan needs, a first launch that fails) the executor logs why and polls that policy;
+:meth:`CudaExecutor.describe` records it.
 
 Batches are not compacted on the GPU: the chain continues for the whole batch while any sample
 is still running, and samples that exited keep their earlier result. Results are identical
 across strategies for the same input and policy (deadline decisions depend on time, so they are
 identical only away from the budget).
 
-Inputs are numpy arrays (staged through pinned memory and copied in by the graph), or any
-``__cuda_array_interface__`` object (torch, CuPy, pycuda), read in place: a CUDA graph is bound
-to the addresses it was captured with, so graphs are cached per input address (reuse your input
-buffer to avoid captures). Not thread-safe: one executor per thread.
+Inputs are numpy arrays (staged through pinned memory), or any ``__cuda_array_interface__``
+object (torch, CuPy, pycuda). Poll and eager read device inputs in place; a graph copies every
+input into the executor's own buffer as its first nodes, and points a device input's copy at
+the caller's array before each launch, so graphs are cached per (policy, batch) whatever array
+a caller passes. Results stay valid on the GPU until the next run (``results.device``, which
+exports the executor's stream); a consumer reading them asynchronously on another stream hands
+them back with :meth:`CudaExecutor.wait_for_consumer`. Not thread-safe: one executor per
+thread.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from trt_exit.runtime.backends.base import Backend, DeviceStageRunner
 from trt_exit.runtime.cuda_plan import (  # noqa: F401  plan_exits, ExitPlan: public API here too
     ChainStep,
     ExitPlan,
+    StrategySelector,
     chain_steps,
     choose_strategy,
     conditional_nodes,
@@ -89,10 +96,17 @@ class CudaExecutor:
         device: CUDA device ordinal.
         backend_options: Keyword options of the backend (the torch backend's device defaults to
             this executor's GPU).
-        graph_cache_size: Captured graphs kept (per policy, batch and input address).
+        graph_cache_size: Captured graphs kept (one per policy and batch size; numpy and device
+            inputs get separate graphs).
         device_timing: Time every run on the GPU too (:attr:`last_device_ms`): CUDA events on
             the executor's stream, one before the run's first work and one before its last
             synchronization.
+        sync_mode: How the host waits for the GPU: ``"spin"`` (lowest latency, a busy core),
+            ``"yield"``, ``"blocking"`` (sleeps on a primitive) or ``"auto"`` (the driver's
+            heuristic). It is a flag of the GPU's primary context, so PyTorch and every other
+            user of that GPU in the process wait the same way. Default: ``spin`` on Jetson,
+            the driver's own choice elsewhere (:func:`~trt_exit.runtime.cuda.api.
+            default_sync_mode`); :attr:`sync_mode` says what is in effect.
 
     Raises:
         CudaUnavailableError: No usable GPU (the message says what to use instead).
@@ -104,8 +118,14 @@ class CudaExecutor:
                  precision: str = "fp32", policy: Policy | None = None, strategy: str = "auto",
                  max_batch: int = 8, device: int = 0,
                  backend_options: dict[str, Any] | None = None, graph_cache_size: int = 8,
-                 device_timing: bool = False):
-        from trt_exit.runtime.cuda.api import use_device
+                 device_timing: bool = False, sync_mode: str | None = None):
+        from trt_exit.runtime.cuda.api import (
+            current_sync_mode,
+            default_sync_mode,
+            set_sync_mode,
+            sync_flag,
+            use_device,
+        )
 
         if strategy not in ("auto", *STRATEGIES):
             raise ConfigError(f"unknown strategy {strategy!r}; choose auto, graph, poll or eager")
@@ -114,6 +134,23 @@ class CudaExecutor:
         self.manifest = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
         self.device_info = use_device(device)
         self.device = device
+        default, basis = default_sync_mode(self.device_info.integrated)
+        sync_flag(sync_mode or default)  # an unknown name fails before anything is allocated
+        #: Why :attr:`sync_mode` (asked for, or the platform default and what it rests on).
+        self.sync_mode_basis = "asked for" if sync_mode else basis
+        if sync_mode is None and default == "auto":
+            #: How the host waits for the GPU (``auto``, ``spin``, ``yield``, ``blocking``).
+            self.sync_mode = current_sync_mode()  # the driver's (or the process's) choice
+        elif sync_mode is not None:
+            self.sync_mode = set_sync_mode(sync_mode)  # refused: CudaError, as asked
+        else:
+            try:
+                self.sync_mode = set_sync_mode(default)
+            except CudaError as exc:
+                self.sync_mode = current_sync_mode()
+                self.sync_mode_basis = f"the default {default} could not be set: {exc}"
+                log.warning("CUDA executor: the %s host-wait mode could not be set (%s); "
+                            "waiting in %s mode", default, exc, self.sync_mode)
         self.precision = precision
         self.max_batch = max_batch
         self.num_exits = self.manifest.num_exits
@@ -122,7 +159,6 @@ class CudaExecutor:
         self.chain: Chain | None = None
         self._graph: GraphStrategy | None = None
         self._kernel_reasons: dict[bool, str] = {}
-        self._fallbacks_logged: set[tuple[str, str]] = set()
         self._full = None
         self._device_timing = device_timing
         #: GPU time of the last run (ms) with ``device_timing``, else None.
@@ -149,8 +185,11 @@ class CudaExecutor:
         self.num_outputs = chain.num_outputs
         self._graph = GraphStrategy(chain, [s.name for s in self.manifest.inputs],
                                     self.graph_cache_size)
-        self.fallback_reason = ""
-        self.strategy = self._choose_strategy(strategy)
+        self._selector = StrategySelector(self.graph_unavailable,
+                                          lambda: self.kernels_unavailable(conditional=False))
+        self.strategy = self._selector.choose(strategy)
+        #: Why :attr:`strategy` is not the one asked for ("" if it is), logged at WARNING.
+        self.fallback_reason = self._selector.reason(strategy)
 
     @property
     def device_timing(self) -> bool:
@@ -195,15 +234,9 @@ class CudaExecutor:
         """Why the gate kernels of graph (``conditional``) or poll mode cannot load ("" if they
         can): an NVRTC newer than the driver, no NVRTC, or a module the driver refuses."""
         if conditional not in self._kernel_reasons:
-            from trt_exit.runtime.cuda.api import version_mismatch
-            from trt_exit.runtime.cuda.module import nvrtc_version
-
             reason = ""
             try:
-                reason = version_mismatch(self.device_info.driver_version, 0,
-                                          nvrtc_version()[0])
-                if not reason:
-                    self.chain.gate_kernels(conditional)
+                self.chain.gate_kernels(conditional)
             except CudaError as exc:
                 reason = str(exc)
             variant = "graph" if conditional else "poll"
@@ -219,21 +252,6 @@ class CudaExecutor:
             return (f"the driver supports CUDA {format_version(self.device_info.driver_version)}"
                     f"; conditional graph nodes need 12.4+ (JetPack 6.1+)")
         return self.kernels_unavailable(conditional=True)
-
-    def _choose_strategy(self, requested: str) -> str:
-        if requested == "eager":
-            return "eager"
-        graph_reason = self.graph_unavailable() if requested in ("auto", "graph") else ""
-        poll_reason = self.kernels_unavailable(conditional=False) if graph_reason or \
-            requested == "poll" else ""
-        chosen, reason = choose_strategy(requested, graph_reason, poll_reason)
-        if reason and (requested, chosen) not in self._fallbacks_logged:
-            self._fallbacks_logged.add((requested, chosen))  # once, not at every run
-            self.fallback_reason = reason
-            level = logging.INFO if requested == "auto" else logging.WARNING
-            log.log(level, "CUDA executor: using the %s strategy instead of %s: %s", chosen,
-                    "graph" if requested == "auto" else requested, reason)
-        return chosen
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -411,11 +429,41 @@ class CudaExecutor:
             return self.strategy
         if strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy {strategy!r}; choose auto, graph, poll or eager")
-        return self._choose_strategy(strategy)
+        return self._selector.choose(strategy)
+
+    def wait_for_consumer(self, stream: Any) -> None:
+        """Orders this executor's next run after the work enqueued so far on ``stream``.
+
+        Call it after enqueuing asynchronous reads of :attr:`ExitResults.device` on another
+        stream: the next run overwrites those buffers on the executor's stream, and waits for
+        the reads first (an event, no host wait). Not needed when that stream is synchronized
+        before the next run, or when the results are only read on the host.
+
+        Args:
+            stream: The consumer's stream: a torch, CuPy or Numba stream, or a ``cudaStream_t``
+                as an int.
+        """
+        from trt_exit.runtime.cuda.api import make_current
+        from trt_exit.runtime.cuda.stream import stream_handle, wait_for_producer
+
+        make_current(self.device)
+        wait_for_producer(self.chain.stream, stream_handle(stream), self.chain.consumer_event)
 
     def graph_conditional_nodes(self) -> list[int]:
-        """IF nodes of each cached exit-chain graph (as captured; for tests and benchmarks)."""
+        """IF nodes of each cached exit-chain graph, as the driver reports them (for tests and
+        benchmarks)."""
         return self._graph.conditional_nodes()
+
+    def graph_census(self, policy: Policy | None = None, batch: int = 1) -> dict | None:
+        """What the driver holds in the cached graph of ``policy`` at ``batch`` (node types per
+        nesting level; :func:`~trt_exit.runtime.cuda.graph.census`), None if none is cached."""
+        census = self._graph.census_of(self.plan(policy), batch)
+        return None if census is None else census.to_dict()
+
+    @property
+    def graph_failures(self) -> list[str]:
+        """Why policies' chains do not run as graphs (they poll), one reason per policy."""
+        return list(self._graph.failures.values())
 
     # ------------------------------------------------------------------ baseline and profile
 
@@ -511,20 +559,31 @@ class CudaExecutor:
             repeats: Timed launches per stage.
             warmup: Untimed launches first.
             chain_overheads: Also time what every chain adds to its stages, each alone in a
-                graph: ``gate_begin`` (the begin kernel), ``gate`` (one gate kernel, threshold
-                mode) and ``copy_results`` (the results copied to pinned host memory).
+                graph: ``copy_inputs`` (the inputs copied into the executor's buffers, device to
+                device for device inputs: the graph strategy's first nodes), ``gate_begin``
+                (the begin kernel), ``gate`` (one gate kernel, threshold mode) and
+                ``copy_results`` (the results copied to pinned host memory).
         """
         from trt_exit.runtime.cuda.api import make_current
 
         make_current(self.device)
         self.run(inputs, AllExitsPolicy())
-        batch, addresses, _, _ = self._bind(inputs)
+        batch, addresses, host_inputs, _ = self._bind(inputs)
         times: dict[str, float] = {}
         for stage in self.manifest.stages:
             runner = self.runners[stage.name]
             times[stage.name] = self._time_alone(
                 stage.name, lambda s, r=runner: r.enqueue(s, addresses, batch), repeats, warmup)
         if chain_overheads:
+            chain = self.chain
+
+            def copy_inputs(stream: int) -> None:
+                for spec in self.manifest.inputs:
+                    source = (chain.staging[spec.name].address if spec.name in host_inputs
+                              else addresses[spec.name])
+                    chain.copy_input(stream, spec.name, source, batch)
+
+            times["copy_inputs"] = self._time_alone("copy_inputs", copy_inputs, repeats, warmup)
             kernels = self.chain.gate_kernels(conditional=False)
             params = GateParams(0, use_threshold=True, threshold=1.0)
             times["gate_begin"] = self._time_alone(
@@ -535,10 +594,34 @@ class CudaExecutor:
                 "copy_results", lambda s: self.chain.copy_results(s, batch), repeats, warmup)
         return times
 
+    def time_flat_chain(self, inputs: Any, policy: Policy, depth: int, repeats: int = 100,
+                        warmup: int = 10) -> float:
+        """Median GPU time (ms) of exactly the work the chain does when every sample leaves at
+        exit ``depth``, as one flat CUDA graph: the input copies, the begin kernel, the stages
+        and gates of exits 0..depth (the plain gate kernel, no conditional node) and the result
+        copy. One launch per timing, CUDA events around it: no host launch gaps between
+        pieces. The graph strategy's device time at that depth is held to it.
+
+        Raises:
+            CudaError: The flat graph could not be made or run.
+        """
+        from trt_exit.runtime.cuda.api import make_current
+
+        make_current(self.device)
+        plan = self.plan(policy)
+        batch, addresses, host_inputs, producers = self._bind(inputs)
+        self.chain.start(producers)
+        self.chain.untimed()
+        graph = self._graph.capture(plan, batch, addresses, host_inputs, conditional=False,
+                                    depth=depth)
+        try:
+            return self._time_launches(graph.graph.launch, repeats, warmup)
+        finally:
+            graph.close()
+
     def _time_alone(self, what: str, enqueue, repeats: int, warmup: int) -> float:
         """Median GPU time (ms) of ``enqueue(stream)``, captured alone in a graph if it can be."""
         from trt_exit.runtime.cuda.graph import GraphCapture
-        from trt_exit.runtime.cuda.stream import Event
 
         main = self.chain.stream.handle
         graph = None
@@ -548,29 +631,42 @@ class CudaExecutor:
             graph = capture.instantiate()
         except CudaError as exc:
             log.info("profiling %s without a graph: %s", what, exc)
+        try:
+            return self._time_launches(graph.launch if graph is not None else enqueue, repeats,
+                                       warmup)
+        finally:
+            if graph is not None:
+                graph.close()
+
+    def _time_launches(self, launch, repeats: int, warmup: int) -> float:
+        """Median GPU time (ms) of ``launch(stream)``: CUDA events on the executor's stream
+        around each launch, one host wait each."""
+        from trt_exit.runtime.cuda.stream import Event
+
+        main = self.chain.stream.handle
         samples = []
         with Event(timing=True) as start, Event(timing=True) as end:
-            try:
-                for i in range(warmup + repeats):
-                    start.record(main)
-                    if graph is not None:
-                        graph.launch(main)
-                    else:
-                        enqueue(main)
-                    end.record(main)
-                    end.synchronize()
-                    if i >= warmup:
-                        samples.append(end.elapsed_ms(start))
-            finally:
-                if graph is not None:
-                    graph.close()
+            for i in range(warmup + repeats):
+                start.record(main)
+                launch(main)
+                end.record(main)
+                end.synchronize()
+                if i >= warmup:
+                    samples.append(end.elapsed_ms(start))
         return float(np.median(samples))
 
     def describe(self) -> dict[str, Any]:
-        """Device, backend and strategy, for reports."""
+        """Device, backend and strategies, for reports: the default strategy and why it is not
+        the one asked for, how every other requested strategy ran, and why a policy's chain
+        could not run as a graph."""
+        ran_as = {requested: {"strategy": chosen, "reason": reason}
+                  for requested, (chosen, reason) in self._selector.choices.items()}
         return {"executor": "cuda", "strategy": self.strategy,
-                "fallback_reason": self.fallback_reason, "max_batch": self.max_batch,
-                "device": self.device_info.to_dict(), **self.backend.describe()}
+                "fallback_reason": self.fallback_reason, "strategies": ran_as,
+                "graph_failures": sorted(set(self._graph.failures.values())),
+                "sync_mode": self.sync_mode, "sync_mode_basis": self.sync_mode_basis,
+                "max_batch": self.max_batch, "device": self.device_info.to_dict(),
+                **self.backend.describe()}
 
 
 def create_executor(manifest: Manifest | str | Path, backend: str = "torch",

@@ -21,7 +21,7 @@ from trt_exit.manifest import Manifest, TensorSpec
 from trt_exit.profiling.nvtx import nvtx_range
 from trt_exit.runtime.backends.base import DeviceStageRunner
 from trt_exit.runtime.executor import ExitResults
-from trt_exit.runtime.gate import GateKernels, GateParams
+from trt_exit.runtime.gate import GateKernels, GateParams, load_gate_kernels
 
 _ALIGN = 256
 
@@ -40,7 +40,11 @@ def sample_bytes(spec: TensorSpec) -> int:
 class DeviceResults:
     """Results in the executor's device buffers (valid until its next run; owns nothing).
 
-    Each is a ``__cuda_array_interface__`` view: ``torch.as_tensor(r.output, device="cuda")``.
+    Each is a ``__cuda_array_interface__`` view (version 3, exporting the executor's stream):
+    ``torch.as_tensor(r.output, device="cuda")``. The executor's next run overwrites them on
+    its own stream: work that reads them asynchronously on another stream must be handed back
+    first, ``executor.wait_for_consumer(stream)`` (or that stream synchronized), or the next
+    run may overwrite them under it.
 
     Attributes:
         exit_index: (B,) int32.
@@ -118,6 +122,7 @@ class Chain:
         self.stream = own(Stream("executor stream"))
         self.sync_event = own(Event(timing=False))
         self._producer_event = own(Event(timing=False))
+        self.consumer_event = own(Event(timing=False))
         self._time_events = (own(Event(timing=True)), own(Event(timing=True)))
         self.buffers = {
             name: own(DeviceBuffer(mb * sample_bytes(spec), name))
@@ -159,10 +164,14 @@ class Chain:
         return self._body_streams[level - 1].handle
 
     def gate_kernels(self, conditional: bool) -> GateKernels:
-        """The gate kernels of graph (``conditional``) or poll mode, loaded once."""
+        """The gate kernels of graph (``conditional``) or poll mode, loaded once.
+
+        Raises:
+            CudaError: They cannot load here (:func:`~trt_exit.runtime.gate.load_gate_kernels`).
+        """
         if conditional not in self._gates:
-            self._gates[conditional] = GateKernels(self.device_info.compute_capability,
-                                                   conditional)
+            self._gates[conditional] = load_gate_kernels(
+                self.device_info.compute_capability, conditional, self.device_info.driver_version)
         return self._gates[conditional]
 
     def close(self) -> None:
@@ -198,6 +207,18 @@ class Chain:
             for name in host_inputs:
                 copy_async(stream, self.addresses[name], self.staging[name].address,
                            batch * sample_bytes(self.specs[name]))
+
+    def copy_input(self, stream: int, name: str, source: int, batch: int) -> None:
+        """Enqueues copying input ``name`` from ``source`` (pinned staging or a caller's device
+        array) into the executor's own buffer of it."""
+        from trt_exit.runtime.cuda.stream import copy_async
+
+        with nvtx_range(f"copy_{name}", "copy"):
+            copy_async(stream, self.addresses[name], source, self.input_bytes(name, batch))
+
+    def input_bytes(self, name: str, batch: int) -> int:
+        """Bytes of ``batch`` samples of input ``name``."""
+        return batch * sample_bytes(self.specs[name])
 
     def stage(self, name: str, stream: int, addresses: dict[str, int], batch: int) -> None:
         """Enqueues stage ``name``."""
@@ -276,11 +297,13 @@ class Chain:
                 host.array((batch,), np.float32, self._offsets[1]).copy())
 
     def device_results(self, batch: int) -> DeviceResults:
-        """Views of the results in device memory."""
-        buf = self.results_device
-        return DeviceResults(buf.view((batch,), np.int32, self._offsets[0]),
-                             buf.view((batch, self.num_outputs), np.float32, self._offsets[2]),
-                             buf.view((batch,), np.float32, self._offsets[1]))
+        """Views of the results in device memory; each exports the executor's stream, which
+        writes them (``__cuda_array_interface__`` version 3)."""
+        buf, stream = self.results_device, self.stream.handle
+        return DeviceResults(buf.view((batch,), np.int32, self._offsets[0], stream),
+                             buf.view((batch, self.num_outputs), np.float32, self._offsets[2],
+                                      stream),
+                             buf.view((batch,), np.float32, self._offsets[1], stream))
 
     def results(self, batch: int, with_device: bool) -> ExitResults:
         """The run's results from the pinned copy (and the device views)."""
