@@ -11,17 +11,27 @@ strategy (graph, poll, eager) and exit depth k, on one GPU with the torch backen
   back to the host), its median device time (CUDA events on the executor's stream, from before
   the first work to before the last synchronization), and the host synchronizations the CUDA
   layer counted;
-* the ideal: the GPU time of exactly the work the graph does at depth k, each piece captured
-  alone in a CUDA graph and timed with CUDA events: the begin kernel, segments and exits 0..k,
-  k+1 gate kernels and the copy of the results to the host;
-* a single CUDA graph of the whole model without exits (backbone + final head), same inputs.
+* the ideal: the GPU time of exactly the work the chain does at depth k, captured as **one flat
+  CUDA graph** (the input copy, the begin kernel, segments and exits 0..k, their k+1 gates as
+  the plain kernel without conditional nodes, the result copy) and timed with CUDA events
+  around one launch: no host launch gap between pieces;
+* the IF nodes of each graph as the driver holds them (``cuGraphGetNodes`` /
+  ``cuGraphNodeGetType`` on the top graph and every conditional body), against the plan;
+* a single CUDA graph of the whole model without exits (backbone + final head), same inputs;
+* what feeding device inputs costs the graph (it copies them into its own buffer as its first
+  nodes): the copy's GPU time alone, and the graph at exit 0 with the same input every run
+  against alternating inputs (the copy node re-pointed before each launch);
+* the host-wait modes (spin, yield, blocking, auto) for graph and eager at the deepest exit, on
+  the first batch size.
 
-Inputs alternate between two device buffers from run to run, so rebinding costs show (graphs
-are cached per input address: after warm-up no capture may happen; the JSON counts them).
+Inputs alternate between two device buffers from run to run (graphs are cached per policy and
+batch, whatever array is passed: after warm-up no capture may happen; the JSON counts them).
 Runs are interleaved (every configuration once per round, in rotating order) so slow drifts of
-the machine touch all of them alike. Writes ``executor-<gpu>.json`` into ``--out`` and prints a
-table; ``--check`` exits non-zero unless the acceptance criteria hold (graph: one sync per
-inference, the IF nodes the plan needs, median device time within 5 % or 20 us of the ideal,
+the machine touch all of them alike. Progress is printed, and ``executor-<gpu>.json`` in
+``--out`` rewritten, after every model and batch size (``"complete": false`` until the end), so
+a run cut short keeps what it measured; then the table is printed. ``--check`` exits non-zero
+unless the acceptance criteria hold (graph: one sync per inference, the IF nodes the plan needs
+as the driver reports them, median device time within 5 % or 20 us of the flat-graph ideal,
 faster than eager past the first exit at batch 1; no capture while timing).
 
 Usage (on a machine with an NVIDIA GPU)::
@@ -34,9 +44,9 @@ Usage (on a machine with an NVIDIA GPU)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as _dt
-import json
 import platform
 import re
 import sys
@@ -131,33 +141,32 @@ def exit_depth_policies(confidences: np.ndarray) -> dict[int, Any]:
             for k in range(confidences.shape[0])}
 
 
-def ideal_ms(stage_ms: dict[str, float], exit_k: int) -> float:
-    """GPU time of the work the graph does at depth ``exit_k``: the begin kernel, segments and
-    exit heads 0..k, a gate after each exit, and the copy of the results."""
-    return (stage_ms["gate_begin"] + stage_ms["copy_results"]
-            + sum(stage_ms[f"segment_{j}"] + stage_ms[f"exit_{j}"] + stage_ms["gate"]
-                  for j in range(exit_k + 1)))
-
-
 def bench_model(model_name: str, batches: list[int], strategies: list[str], repeats: int,
-                warmup: int, profile_repeats: int) -> dict[str, Any]:
-    """Every measurement of one model (see the module docstring)."""
+                warmup: int, profile_repeats: int, on_batch=None) -> dict[str, Any]:
+    """Every measurement of one model (see the module docstring).
+
+    Args:
+        on_batch: Called with the model's results so far after each batch size.
+    """
     import torch
 
+    from trt_exit.runtime.cuda.api import SYNC_MODES, set_sync_mode
     from trt_exit.runtime.cuda_executor import CudaExecutor, conditional_nodes
     from trt_exit.runtime.policies import AllExitsPolicy, FixedExitPolicy
 
     with tempfile.TemporaryDirectory(prefix="trt_exit_bench_") as tmp:
         manifest = torch_manifest(model_name, Path(tmp))
         n = manifest.num_exits
-        # Graphs are cached per (policy, batch, input address): room for all of them.
-        cache = len(batches) * n * 2 + 2
+        # Exit-chain graphs are cached per (policy, batch); the no-exit graph per input address.
+        cache = len(batches) * (n + 2) + 2
         with CudaExecutor(manifest, "torch", max_batch=max(batches), device_timing=True,
                           policy=FixedExitPolicy(-1), graph_cache_size=cache) as executor:
             if "graph" in strategies and executor.graph_unavailable():
                 print(f"graph strategy unavailable: {executor.graph_unavailable()}",
                       file=sys.stderr)
-            per_batch = []
+            model = {"model": model_name, "num_exits": n,
+                     "exit_blocks": [e.after_block for e in manifest.exits],
+                     "backend": executor.describe(), "batches": []}
             for batch in batches:
                 shape = manifest.inputs[0].shape[1:]
                 device = executor.backend.torch_device
@@ -168,16 +177,26 @@ def bench_model(model_name: str, batches: list[int], strategies: list[str], repe
                 confidences = np.concatenate(
                     [executor.run(x, AllExitsPolicy()).all_confidences for x in buffers], axis=1)
                 policies = exit_depth_policies(confidences)
+                _progress(f"{model_name} batch {batch}: stages and the flat-graph ideals")
                 stage_ms = executor.profile_stages(buffers[0], repeats=profile_repeats,
                                                    chain_overheads=True)
+                ideal = {k: executor.time_flat_chain(buffers[0], policies[k], depth=k,
+                                                     repeats=profile_repeats)
+                         for k in range(n)}
                 configs = [(s, k) for s in strategies for k in range(n)] + [("full_graph", None)]
+                if "graph" in strategies:
+                    configs.append(("graph_same_input", 0))
 
                 def run(config, x):
                     strategy, k = config
                     if strategy == "full_graph":
                         return executor.run_full_model(x, strategy="graph")
+                    if strategy == "graph_same_input":
+                        return executor.run(buffers[0], policies[k], strategy="graph")
                     return executor.run(x, policies[k], strategy=strategy)
 
+                _progress(f"{model_name} batch {batch}: {warmup} warm-up and {repeats} timed "
+                          f"rounds of {len(configs)} configurations")
                 calls = 0
                 for _ in range(warmup):
                     for config in configs:
@@ -199,33 +218,92 @@ def bench_model(model_name: str, batches: list[int], strategies: list[str], repe
                         syncs[config].add(result.host_syncs)
                         exits[config].update(int(e) for e in np.unique(result.exit_index))
                         used_strategy[config].add(result.strategy)
+                captures = executor.captures - captures_before
                 rows = []
                 for strategy in strategies:
                     for k in range(n):
                         config = (strategy, k)
+                        census = executor.graph_census(policies[k], batch)
+                        held = None if census is None else sum(
+                            level.get("conditional", 0) for level in census["levels"])
                         rows.append({
                             "strategy": strategy, "ran_as": sorted(used_strategy[config]),
                             "exit": k, "exits_taken": sorted(exits[config]),
                             **_summary(wall[config]),
-                            "device_median_ms": float(np.median(device_ms[config])),
+                            "device_median_ms": _median(device_ms[config]),
                             "host_syncs": sorted(syncs[config]),
                             "expected_syncs": 1 if strategy == "graph" else k + 1,
-                            "conditional_nodes": conditional_nodes(executor.plan(policies[k])),
-                            "ideal_ms": ideal_ms(stage_ms, k)})
+                            "conditional_nodes_plan": conditional_nodes(executor.plan(policies[k])),
+                            "conditional_nodes": held if strategy == "graph" else None,
+                            "graph_census": census if strategy == "graph" else None,
+                            "ideal_ms": ideal[k]})
                 full = ("full_graph", None)
-                per_batch.append({
-                    "batch": batch, "stage_gpu_ms": stage_ms, "rows": rows,
+                entry = {
+                    "batch": batch, "stage_gpu_ms": stage_ms, "ideal_flat_graph_ms": ideal,
+                    "rows": rows,
                     "thresholds": {k: p.thresholds for k, p in policies.items()},
-                    "graph_conditional_nodes": sorted(set(executor.graph_conditional_nodes())),
-                    "captures_while_timing": executor.captures - captures_before,
+                    "captures_while_timing": captures,
                     "full_graph": {**_summary(wall[full]),
-                                   "device_median_ms": float(np.median(device_ms[full])),
+                                   "device_median_ms": _median(device_ms[full]),
                                    "ran_as": sorted(used_strategy[full]),
                                    "host_syncs": sorted(syncs[full])},
-                })
-            return {"model": model_name, "num_exits": n,
-                    "exit_blocks": [e.after_block for e in manifest.exits],
-                    "backend": executor.describe(), "batches": per_batch}
+                    "strategies": executor.describe()["strategies"],
+                    "graph_failures": executor.graph_failures,
+                }
+                same = ("graph_same_input", 0)
+                if same in wall:
+                    entry["input_copy"] = {
+                        "copy_gpu_ms": stage_ms.get("copy_inputs"),
+                        "bytes": int(np.prod(shape)) * 4 * batch,
+                        "graph_exit0_same_input": _summary(wall[same]),
+                        "graph_exit0_alternating_inputs": _summary(wall[("graph", 0)]),
+                        "device_median_ms_same_input": _median(device_ms[same])}
+                if batch == batches[0] and "graph" in strategies and "eager" in strategies:
+                    _progress(f"{model_name} batch {batch}: host-wait modes")
+                    entry["sync_modes"] = sync_mode_latency(
+                        executor, policies[n - 1], buffers, min(repeats, 100), SYNC_MODES,
+                        set_sync_mode)
+                model["batches"].append(entry)
+                model["backend"] = executor.describe()
+                print(format_batch(model, entry), flush=True)
+                if on_batch is not None:
+                    on_batch(model)
+            return model
+
+
+def sync_mode_latency(executor, policy, buffers, rounds: int, modes, set_mode) -> dict:
+    """Median wall latency of graph and eager under each host-wait mode (interleaved rounds),
+    then the executor's own mode again."""
+    from trt_exit.errors import CudaError
+
+    own = executor.sync_mode
+    wall = {(m, s): [] for m in modes for s in ("graph", "eager")}
+    try:
+        for r in range(rounds + 5):
+            for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
+                set_mode(mode)
+                for strategy in ("graph", "eager"):
+                    result = executor.run(buffers[r % 2], policy, strategy=strategy)
+                    if r >= 5:  # warm-up rounds first
+                        wall[(mode, strategy)].append(result.latency_ms)
+    except CudaError as exc:  # the driver refuses to change the mode of a live context
+        return {"error": str(exc), "executor_default": own}
+    finally:
+        if own in modes:
+            with contextlib.suppress(CudaError):
+                set_mode(own)
+    return {mode: {f"{s}_median_ms": _median(wall[(mode, s)]) for s in ("graph", "eager")}
+            for mode in modes} | {"executor_default": own,
+                                   "basis": executor.sync_mode_basis}
+
+
+def _median(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.median(values)) if values else None
+
+
+def _progress(message: str) -> None:
+    print(f"[executor.py {_dt.datetime.now():%H:%M:%S}] {message}", flush=True)
 
 
 def acceptance(results: dict[str, Any]) -> list[str]:
@@ -249,21 +327,53 @@ def acceptance(results: dict[str, Any]) -> list[str]:
                                     f"expected {row['expected_syncs']}")
                 if strategy != "graph":
                     continue
-                if row["conditional_nodes"] != model["num_exits"] - 1 or \
-                        row["conditional_nodes"] not in entry.get("graph_conditional_nodes", []):
-                    failures.append(f"{where}: the graph should hold {model['num_exits'] - 1} "
-                                    f"IF nodes (plan: {row['conditional_nodes']}, captured: "
-                                    f"{entry.get('graph_conditional_nodes')})")
+                wanted = model["num_exits"] - 1
+                if row["conditional_nodes_plan"] != wanted or row["conditional_nodes"] != wanted:
+                    failures.append(f"{where}: the graph should hold {wanted} IF nodes (plan: "
+                                    f"{row['conditional_nodes_plan']}, driver: "
+                                    f"{row['conditional_nodes']})")
                 allowed = max(IDEAL_TOLERANCE * row["ideal_ms"], IDEAL_SLACK_MS)
-                if row["device_median_ms"] - row["ideal_ms"] > allowed:
-                    failures.append(f"{where}: graph device median {row['device_median_ms']:.4f} "
-                                    f"ms is more than {allowed * 1e3:.0f} us over the ideal "
-                                    f"{row['ideal_ms']:.4f} ms")
+                if row["device_median_ms"] is None or \
+                        row["device_median_ms"] - row["ideal_ms"] > allowed:
+                    failures.append(f"{where}: graph device median {row['device_median_ms']} "
+                                    f"ms is more than {allowed * 1e3:.0f} us over the flat-graph "
+                                    f"ideal {row['ideal_ms']:.4f} ms")
                 eager = rows.get(("eager", k))
                 if entry["batch"] == 1 and k > 0 and eager and row["median_ms"] >= eager["median_ms"]:
                     failures.append(f"{where}: graph ({row['median_ms']:.4f} ms) is not faster "
                                     f"than eager ({eager['median_ms']:.4f} ms)")
     return failures
+
+
+TABLE_HEADER = ("| model | batch | exit | ideal | graph device | graph wall | poll wall | "
+                "eager wall | syncs g/p/e | IF nodes | no-exit graph |\n"
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def format_batch(model: dict[str, Any], entry: dict[str, Any]) -> str:
+    """The table rows of one model at one batch size (IF nodes: as the driver holds them in the
+    graph, else the plan's count)."""
+    short = model["model"].replace("multi_exit_vit_", "")
+    rows = {(r["strategy"], r["exit"]): r for r in entry["rows"]}
+    full = entry["full_graph"]
+    lines = []
+    for k in range(model["num_exits"]):
+        graph = rows.get(("graph", k))
+        device = graph["device_median_ms"] if graph else None
+        cells = [f"{device:.3f}" if device is not None else "-"]
+        for strategy in STRATEGIES:
+            row = rows.get((strategy, k))
+            cells.append(f"{row['median_ms']:.3f} / {row['p99_ms']:.3f}" if row else "-")
+        syncs = "/".join(
+            ",".join(map(str, rows[(s, k)]["host_syncs"])) if (s, k) in rows else "-"
+            for s in STRATEGIES)
+        any_row = next(r for (_, j), r in rows.items() if j == k)
+        ifs = graph["conditional_nodes"] if graph and graph.get("conditional_nodes") is not None \
+            else any_row.get("conditional_nodes_plan", any_row.get("conditional_nodes"))
+        no_exit = f"{full['median_ms']:.3f}" if k == model["num_exits"] - 1 else ""
+        lines.append(f"| {short} | {entry['batch']} | {k} | {any_row['ideal_ms']:.3f} | "
+                     f"{' | '.join(cells)} | {syncs} | {ifs} | {no_exit} |")
+    return "\n".join(lines)
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -273,30 +383,40 @@ def format_table(results: dict[str, Any]) -> str:
              f"{results['software'].get('torch')}, cuda-bindings "
              f"{results['software'].get('cuda-bindings')}; ms; wall: median / p99 of "
              f"CudaExecutor.run (input on the GPU, results read back to the host); device: "
-             f"median GPU time (CUDA events)", "",
-             "| model | batch | exit | ideal | graph device | graph wall | poll wall | "
-             "eager wall | syncs g/p/e | IF nodes | no-exit graph |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"median GPU time (CUDA events); ideal: the same work as one flat graph",
+             "", TABLE_HEADER]
     for model in results["models"]:
-        short = model["model"].replace("multi_exit_vit_", "")
         for entry in model["batches"]:
-            rows = {(r["strategy"], r["exit"]): r for r in entry["rows"]}
-            full = entry["full_graph"]
-            for k in range(model["num_exits"]):
-                graph = rows.get(("graph", k))
-                cells = [f"{graph['device_median_ms']:.3f}" if graph else "-"]
-                for strategy in STRATEGIES:
-                    row = rows.get((strategy, k))
-                    cells.append(f"{row['median_ms']:.3f} / {row['p99_ms']:.3f}" if row else "-")
-                syncs = "/".join(
-                    ",".join(map(str, rows[(s, k)]["host_syncs"])) if (s, k) in rows else "-"
-                    for s in STRATEGIES)
-                any_row = next(r for (_, j), r in rows.items() if j == k)
-                no_exit = f"{full['median_ms']:.3f}" if k == model["num_exits"] - 1 else ""
-                lines.append(f"| {short} | {entry['batch']} | {k} | {any_row['ideal_ms']:.3f} | "
-                             f"{' | '.join(cells)} | {syncs} | {any_row['conditional_nodes']} | "
-                             f"{no_exit} |")
+            lines.append(format_batch(model, entry))
     return "\n".join(lines)
+
+
+class Recorder:
+    """Keeps ``executor-<gpu>.json`` current: rewritten (atomically) after every model and
+    batch size with ``"complete": false``, and once more at the end with the acceptance
+    verdict, so a run cut short keeps what it measured."""
+
+    def __init__(self, path: Path, results: dict[str, Any]):
+        self.path = path
+        self.results = {**results, "models": [], "complete": False}
+        self.write()
+
+    def model_progress(self, model: dict[str, Any]) -> None:
+        """Records ``model``'s results so far (replacing its earlier record)."""
+        models = [m for m in self.results["models"] if m["model"] != model["model"]]
+        self.results["models"] = [*models, model]
+        self.write()
+
+    def finish(self, failures: list[str]) -> None:
+        self.results["acceptance"] = {"ok": not failures, "failures": failures}
+        self.results["complete"] = True
+        self.write()
+
+    def write(self) -> None:
+        from trt_exit.fileio import atomic_write_json
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.path, self.results)
 
 
 def _versions() -> dict[str, str | None]:
@@ -306,11 +426,12 @@ def _versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             return None
 
-    from trt_exit.runtime.cuda.module import nvrtc_version
+    from trt_exit.runtime.cuda.module import nvrtc_library, nvrtc_version
 
     packages = {p: version(p) for p in ("trt-exit", "torch", "cuda-bindings", "cuda-python",
                                         "numpy", "nvtx")}
     packages["nvrtc"] = ".".join(map(str, nvrtc_version()))
+    packages["nvrtc_library"] = nvrtc_library()
     packages["python"] = platform.python_version()
     return packages
 
@@ -342,7 +463,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmarks/executor.py needs an NVIDIA GPU: {status.reason}", file=sys.stderr)
         return 2
     device = use_device(0)
-    results = {
+    slug = re.sub(r"[^a-z0-9]+", "-", device.name.lower()).strip("-")
+    path = args.out / f"executor-{slug}.json"
+    recorder = Recorder(path, {
         "benchmark": "executor",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "gpu": device.to_dict(), "software": _versions(),
@@ -350,25 +473,30 @@ def main(argv: list[str] | None = None) -> int:
                      "repeats": args.repeats, "warmup": args.warmup,
                      "profile_repeats": args.profile_repeats, "backend": "torch",
                      "precision": "fp32", "weights": "random (seed 0)",
-                     "input": "two torch tensors on the GPU, alternating run to run (read in "
-                              "place)",
+                     "input": "two torch tensors on the GPU, alternating run to run (the graph "
+                              "copies them into its own buffer as its first nodes; poll and "
+                              "eager read them in place)",
                      "policy": "ThresholdPolicy per exit depth k: unreachable thresholds before "
                                "k, 0 from k on",
                      "latency": "wall time of CudaExecutor.run, results copied to the host",
                      "device": "CUDA events on the executor's stream around the run's work",
                      "host_syncs": "stream/event synchronizations counted by the CUDA layer",
-                     "ideal": "begin kernel + segments and exits 0..k + k+1 gate kernels + "
-                              "result copy, each alone in a CUDA graph, CUDA events, median"},
-        "models": [bench_model(m, args.batches, args.strategies, args.repeats, args.warmup,
-                               args.profile_repeats) for m in args.models],
-    }
-    failures = acceptance(results)
-    results["acceptance"] = {"ok": not failures, "failures": failures}
-    args.out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", device.name.lower()).strip("-")
-    path = args.out / f"executor-{slug}.json"
-    path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    print(format_table(results))
+                     "ideal": "the chain's work at depth k (input copy, begin kernel, segments "
+                              "and exits 0..k, k+1 plain gate kernels, result copy) as one "
+                              "flat CUDA graph, CUDA events around one launch, median",
+                     "if_nodes": "conditional nodes the driver holds in the graph "
+                                 "(cuGraphGetNodes / cuGraphNodeGetType, every body)"},
+    })
+    print(TABLE_HEADER, flush=True)
+    for name in args.models:
+        _progress(f"{name}: building the model and the executor")
+        bench_model(name, args.batches, args.strategies, args.repeats, args.warmup,
+                    args.profile_repeats, on_batch=recorder.model_progress)
+        _progress(f"{name}: done; wrote {path}")
+    failures = acceptance(recorder.results)
+    recorder.finish(failures)
+    print()
+    print(format_table(recorder.results))
     print(f"\nacceptance: {'ok' if not failures else 'FAILED'}")
     for failure in failures:
         print(f"  - {failure}")
