@@ -1,22 +1,28 @@
 """One prepared GPU acceptance run of the CUDA path, for a fresh machine with no network.
 
 Written for an H100/H200 image with Python 3.12, PyTorch on CUDA 13 (driver 580), cuda-bindings,
-CuPy, NVRTC, onnx, onnxruntime, timm and Nsight Compute (no nsys, no TensorRT). In about 8
-minutes at most it:
+CuPy, NVRTC, onnx, onnxruntime, timm and Nsight Compute (no nsys, no TensorRT). Within
+:data:`BUDGET_S` (420 s, counted from the interpreter's start) it runs, each step in a process
+group of its own with its own time limit, enforced (the whole group is killed):
 
-1. ``environment``: records the GPU, driver, Python and packages (``nvidia-smi``, ``pip freeze``)
-   and checks the driver against cuda-bindings and NVRTC (the CUDA layer's own check);
+1. ``environment``: records the GPU, driver, Python and packages (``nvidia-smi``, the installed
+   distributions) and checks the driver against cuda-bindings and NVRTC (the CUDA layer's own
+   check): ``environment.json``;
 2. ``install``: installs what the machine lacks of trt_exit's requirements (setup.py's
    ``install_requires``, pytest, nvtx) from a folder of wheels carried in (``--wheels``),
    never from the network; trt_exit itself runs from this checkout (``PYTHONPATH``);
-3. ``pytest-gpu``: ``pytest -m gpu tests/runtime``;
-4. ``benchmark``: ``benchmarks/executor.py --check`` for both models at batch 1 and 8;
+3. ``pytest-gpu``: ``pytest -m gpu tests/runtime`` (JUnit XML, one line per test in the log);
+4. ``benchmark``: ``benchmarks/executor.py --check`` for both models at batch 1 and 8 (its JSON
+   is rewritten after every model and batch size);
 5. ``nsys``: an Nsight Systems capture of a short benchmark run, if ``nsys`` exists.
 
-Logs, the benchmark's JSON and ``acceptance.json`` (every step: command, status, exit code,
-seconds, log) go into one folder (``--out``). ``--dry-run`` lists every step and checks what can
-be checked without a GPU (files, tools, packages or wheels, the benchmark's options, that
-pytest collects the GPU tests); CI runs it. To prepare the wheels on a machine with network::
+Every step's log, the benchmark's JSON and ``acceptance.json`` go into one folder (``--out``).
+``acceptance.json`` is rewritten before and after every step (the step under way is
+``"running"``), so a run killed from outside still says how far it got; a step past its time
+limit is ``"timeout"``, named as such. ``--dry-run`` lists every step and checks what can be
+checked without a GPU (files, tools, packages or wheels, the benchmark's options, that pytest
+collects the GPU tests, that the limits fit the budget); CI runs it. To prepare the wheels on a
+machine with network::
 
     python benchmarks/gpu_acceptance.py --download-wheels wheels/   # for Python 3.12, x86-64
     # carry wheels/ and this checkout to the GPU machine, then:
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import datetime as _dt
 import functools
 import importlib.util
@@ -34,6 +41,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -42,8 +50,18 @@ from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-#: The whole run must end within this many seconds (the GPU machine's lease).
-BUDGET_S = 480
+#: The whole run, from the interpreter's start, ends within this many seconds (a GPU lease of
+#: ~15 minutes also pays the machine's start and the transfers).
+BUDGET_S = 420
+#: Of the budget, kept back from the steps' limits: start-up, planning, killing a step that
+#: overran and writing the summary.
+MARGIN_S = 15
+#: When this process started (the budget counts from here).
+STARTED = time.monotonic()
+#: Seconds a step gets to end after SIGTERM before its process group is killed.
+KILL_GRACE_S = 3
+#: Seconds ``nvidia-smi`` gets to answer (the environment step has 20 in all).
+SMI_TIMEOUT_S = 10
 #: Distributions the runs need beyond setup.py's install_requires.
 EXTRA_REQUIREMENTS = ("pytest>=8", "nvtx>=0.2", "cuda-bindings>=12.6")
 #: For --download-wheels: the GPU image's Python and platform.
@@ -57,8 +75,8 @@ class Step:
 
     Attributes:
         name: Short name (also the log file's name).
-        command: What runs (argv), empty for a step done in this process.
-        timeout_s: Its share of :data:`BUDGET_S`.
+        command: What runs (argv); empty for a step with nothing to run (skipped).
+        timeout_s: Its share of :data:`BUDGET_S` (enforced: its process group is killed).
         needs_gpu: Only meaningful with a GPU (in a dry run: checked, not run).
         skip_reason: Why it will not run ("" if it will).
         checks: What the dry run verified, one line each.
@@ -112,23 +130,24 @@ def wheel_for(requirement: str, wheels: Path | None) -> Path | None:
 
 
 def plan(out: Path, wheels: Path | None, python: str = sys.executable) -> list[Step]:
-    """Every step of the run, in order."""
+    """Every step of the run, in order; their limits add up to ``BUDGET_S - MARGIN_S``."""
     missing = missing_distributions(requirements())
     install = [python, "-m", "pip", "install", "--no-index", "--disable-pip-version-check"]
     if wheels is not None:
         install += ["--find-links", str(wheels)]
     bench = [python, str(REPO / "benchmarks" / "executor.py")]
     steps = [
-        Step("environment", [], 30, needs_gpu=False),
-        Step("install", install + missing if missing else [], 60, needs_gpu=False,
+        Step("environment", [python, str(Path(__file__).resolve()), "--environment",
+                             "--out", str(out)], 20, needs_gpu=False),
+        Step("install", install + missing if missing else [], 45, needs_gpu=False,
              skip_reason="" if missing else "every requirement is installed"),
-        Step("pytest-gpu", [python, "-m", "pytest", "-m", "gpu", "tests/runtime", "-rs",
+        Step("pytest-gpu", [python, "-m", "pytest", "-m", "gpu", "tests/runtime", "-v", "-rs",
                             "-p", "no:cacheprovider", f"--junitxml={out / 'pytest-gpu.xml'}"],
              120),
         Step("benchmark", bench + ["--check", "--models", "multi_exit_vit_digits",
                                    "multi_exit_vit_small_patch16_224", "--batches", "1", "8",
                                    "--repeats", "200", "--warmup", "10",
-                                   "--profile-repeats", "100", "--out", str(out)], 210),
+                                   "--profile-repeats", "100", "--out", str(out)], 190),
     ]
     nsys = shutil.which("nsys")
     steps.append(Step(
@@ -137,40 +156,79 @@ def plan(out: Path, wheels: Path | None, python: str = sys.executable) -> list[S
          "--force-overwrite=true", "-o", str(out / "executor-digits"), *bench,
          "--models", "multi_exit_vit_digits", "--batches", "1", "--repeats", "20",
          "--warmup", "5", "--profile-repeats", "20", "--out", str(out / "nsys-benchmark")],
-        60, skip_reason="" if nsys else "nsys is not installed (Nsight Systems)"))
+        30, skip_reason="" if nsys else "nsys is not installed (Nsight Systems)"))
     return steps
 
 
-def _run(command: list[str], log: Path, timeout_s: float, env: dict[str, str]) -> tuple[int, float]:
+def run_step(command: list[str], log: Path, timeout_s: float,
+             env: dict[str, str]) -> tuple[int, float, bool]:
+    """Runs ``command`` in a process group of its own, output to ``log``, for at most
+    ``timeout_s``: then the group gets SIGTERM, and SIGKILL :data:`KILL_GRACE_S` later (a
+    pytest or benchmark child is killed with its own children).
+
+    Returns:
+        ``(exit code, seconds, timed out)``; 127 if it could not start.
+    """
     began = time.monotonic()
     with log.open("w", encoding="utf-8") as stream:
         stream.write("$ " + " ".join(command) + "\n")
         stream.flush()
         try:
-            rc = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, cwd=REPO,
-                                env=env, timeout=max(timeout_s, 1)).returncode
-        except subprocess.TimeoutExpired:
-            stream.write(f"\n[gpu_acceptance] timed out after {timeout_s:.0f} s\n")
-            rc = 124
+            process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, cwd=REPO,
+                                       env=env, start_new_session=True)
         except OSError as exc:
             stream.write(f"\n[gpu_acceptance] could not start: {exc}\n")
-            rc = 127
-    return rc, time.monotonic() - began
+            return 127, time.monotonic() - began, False
+        try:
+            rc = process.wait(timeout=max(timeout_s, 1))
+            return rc, time.monotonic() - began, False
+        except subprocess.TimeoutExpired:
+            _kill_group(process)
+            stream.write(f"\n[gpu_acceptance] timed out after {timeout_s:.0f} s: killed\n")
+            return 124, time.monotonic() - began, True
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the process group, SIGKILL after :data:`KILL_GRACE_S` (and to what is left
+    of the group either way)."""
+    for sig, wait_s in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, None)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=wait_s)
+            if sig == signal.SIGTERM:  # the leader ended: end its group's stragglers too
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+            break
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def environment(out: Path) -> dict:
-    """What the machine is, and whether its driver fits the CUDA packages (never raises)."""
+    """What the machine is, and whether its driver fits the CUDA packages; writes
+    ``environment.json``. Never raises: what could not be read is recorded as such."""
     info: dict = {"python": sys.version.split()[0], "executable": sys.executable,
                   "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     smi = shutil.which("nvidia-smi")
     if smi:
-        result = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total",
-                                 "--format=csv,noheader"], capture_output=True, text=True,
-                                timeout=20)
-        info["nvidia_smi"] = result.stdout.strip() or result.stderr.strip()
+        try:
+            result = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total",
+                                     "--format=csv,noheader"], capture_output=True, text=True,
+                                    timeout=SMI_TIMEOUT_S)
+            info["nvidia_smi"] = result.stdout.strip() or result.stderr.strip()
+        except subprocess.TimeoutExpired:
+            info["nvidia_smi"] = f"nvidia-smi did not answer within {SMI_TIMEOUT_S} s"
+        except OSError as exc:
+            info["nvidia_smi"] = f"nvidia-smi could not run: {exc}"
     info["tools"] = {t: shutil.which(t) for t in ("nvidia-smi", "nsys", "ncu")}
-    info["packages"] = {requirement_name(r): _version(requirement_name(r))
-                        for r in [*requirements(), "cupy-cuda13x", "timm", "nvidia-cuda-nvrtc"]}
+    try:
+        info["packages"] = {requirement_name(r): _version(requirement_name(r))
+                            for r in [*requirements(), "cupy-cuda13x", "timm",
+                                      "nvidia-cuda-nvrtc", "cuda-pathfinder"]}
+    except Exception as exc:  # noqa: BLE001 - the record says what went wrong
+        info["packages"] = f"{type(exc).__name__}: {exc}"
     try:
         from trt_exit.runtime.cuda.api import cuda_status
 
@@ -179,14 +237,19 @@ def environment(out: Path) -> dict:
                         "driver": status.driver_version, "runtime": status.runtime_version}
         if status.available:
             from trt_exit.runtime.cuda.api import version_mismatch
-            from trt_exit.runtime.cuda.module import nvrtc_version
+            from trt_exit.runtime.cuda.module import nvrtc_library, nvrtc_version
 
             info["cuda"]["nvrtc"] = ".".join(map(str, nvrtc_version()))
+            info["cuda"]["nvrtc_library"] = nvrtc_library()
             info["cuda"]["mismatch"] = version_mismatch(status.driver_version, 0,
                                                         nvrtc_version()[0])
     except Exception as exc:  # noqa: BLE001 - the record says what went wrong, the run goes on
         info["cuda"] = {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
-    (out / "environment.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    try:
+        (out / "environment.json").write_text(json.dumps(info, indent=2) + "\n",
+                                              encoding="utf-8")
+    except OSError as exc:
+        info["written"] = f"environment.json could not be written: {exc}"
     return info
 
 
@@ -201,7 +264,13 @@ def dry_run(steps: list[Step], out: Path, wheels: Path | None, python: str) -> N
     """Fills each step's ``checks`` and ``problems`` without a GPU."""
     for step in steps:
         if step.name == "environment":
-            step.checks.append(f"output folder {out} is writable")
+            probe = out / ".write-probe"
+            try:
+                probe.write_text("", encoding="utf-8")
+                probe.unlink()
+                step.checks.append(f"output folder {out} is writable")
+            except OSError as exc:
+                step.problems.append(f"output folder {out} is not writable: {exc}")
             for tool in ("nvidia-smi", "nsys", "ncu"):
                 step.checks.append(f"{tool}: {shutil.which(tool) or 'not found'}")
         elif step.name == "install":
@@ -263,38 +332,96 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run(steps: list[Step], out: Path) -> list[dict]:
-    """Runs the steps within :data:`BUDGET_S`; returns one record per step."""
+def run(steps: list[Step], out: Path, summary: dict, budget_s: float = BUDGET_S,
+        started: float = STARTED) -> list[dict]:
+    """Runs the steps within ``budget_s`` of ``started`` (``MARGIN_S`` kept back), rewriting
+    ``acceptance.json`` before and after each step; returns one record per step."""
     env = _env()
-    deadline = time.monotonic() + BUDGET_S
-    records = []
+    deadline = started + budget_s - MARGIN_S
+    records: list[dict] = []
+    summary["steps"] = records
     for step in steps:
-        record = {"name": step.name, "command": step.command, "log": None, "rc": None,
-                  "seconds": 0.0}
+        record = {"name": step.name, "command": step.command, "status": "pending",
+                  "timeout_s": step.timeout_s, "log": None, "rc": None, "seconds": 0.0}
+        records.append(record)
         left = deadline - time.monotonic()
-        if step.skip_reason:
-            record.update(status="skipped", reason=step.skip_reason)
+        if step.skip_reason or not step.command:
+            record.update(status="skipped", reason=step.skip_reason or "nothing to run")
         elif left < 5:
-            record.update(status="skipped", reason="the time budget is spent")
-        elif step.name == "environment":
-            began = time.monotonic()
-            info = environment(out)
-            record.update(status="ok", log=str(out / "environment.json"),
-                          seconds=round(time.monotonic() - began, 1),
-                          cuda=info.get("cuda"))
+            record.update(status="skipped",
+                          reason=f"the time budget is spent ({budget_s:.0f} s in all)")
         else:
+            limit = min(step.timeout_s, left)
             log = out / f"{step.name}.log"
-            rc, seconds = _run(step.command, log, min(step.timeout_s, left), env)
-            record.update(status="ok" if rc == 0 else "failed", rc=rc, log=str(log),
-                          seconds=round(seconds, 1))
-            if step.name == "pytest-gpu":
-                record["tests"] = junit_counts(out / "pytest-gpu.xml")
-                if record["tests"].get("passed", 0) == 0:  # all skipped: no GPU was used
-                    record.update(status="failed", reason="no GPU test passed (see the skips)")
+            record.update(status="running", log=str(log), limit_s=round(limit, 1))
+            write_summary(out, summary)
+            rc, seconds, timed_out = run_step(step.command, log, limit, env)
+            record.update(rc=rc, seconds=round(seconds, 1))
+            if timed_out:
+                cut = "its budget share" if limit >= step.timeout_s else "the run's time left"
+                record.update(status="timeout",
+                              reason=f"timed out after {limit:.0f} s ({cut}) and was killed")
+            elif rc == 0:
+                record["status"] = "ok"
+            else:
+                record.update(status="failed", reason=f"exit code {rc} (see {log.name})")
+            _judge(step, record, out, log)
         print(f"[{record['status']:>7}] {step.name} ({record['seconds']} s)"
               + (f": {record.get('reason')}" if record.get("reason") else ""), flush=True)
-        records.append(record)
+        write_summary(out, summary)
     return records
+
+
+def _judge(step: Step, record: dict, out: Path, log: Path) -> None:
+    """What a finished step's own outputs add to its record."""
+    if step.name == "environment":
+        with contextlib.suppress(OSError, ValueError):
+            record["cuda"] = json.loads(
+                (out / "environment.json").read_text(encoding="utf-8")).get("cuda")
+            record["environment"] = str(out / "environment.json")
+        if record["status"] == "ok" and "environment" in record:
+            log.unlink(missing_ok=True)  # environment.json holds everything it printed
+            record["log"] = None
+    elif step.name == "pytest-gpu":
+        counts = junit_counts(out / "pytest-gpu.xml") or log_counts(log)
+        record["tests"] = counts
+        if record["status"] == "timeout":
+            record["reason"] += (f"; {counts.get('passed', 0)} GPU tests passed and "
+                                 f"{counts.get('failed', 0)} failed before that (see the log)")
+        elif record["status"] == "ok" and counts.get("passed", 0) == 0:
+            record.update(status="failed", reason="no GPU test passed (see the skips)")
+    elif step.name == "benchmark":
+        results = sorted(out.glob("executor-*.json"))
+        record["results"] = [str(p) for p in results]
+        if record["status"] == "timeout" and results:
+            with contextlib.suppress(OSError, ValueError):
+                done = json.loads(results[0].read_text(encoding="utf-8"))
+                record["reason"] += ("; measured before that: " + ", ".join(
+                    f"{m['model']} batch {b['batch']}"
+                    for m in done.get("models", []) for b in m.get("batches", [])) or "nothing")
+
+
+def log_counts(log: Path) -> dict[str, int]:
+    """Passed / failed / skipped / error lines of a ``pytest -v`` log (for a run killed before
+    it wrote its JUnit XML)."""
+    counts = {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
+    try:
+        text = log.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return {}
+    for line in text.splitlines():
+        match = re.search(r"::\S+ (PASSED|FAILED|SKIPPED|ERROR)\b", line)
+        if match:
+            counts[match.group(1).lower()] += 1
+    return counts
+
+
+def write_summary(out: Path, summary: dict) -> None:
+    """Writes ``acceptance.json`` atomically (a reader never sees half of it)."""
+    summary["updated_s"] = round(time.monotonic() - STARTED, 1)
+    temporary = out / ".acceptance.json.tmp"
+    temporary.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, out / "acceptance.json")
 
 
 def junit_counts(path: Path) -> dict[str, int]:
@@ -332,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="list and check every step without running them (no GPU needed)")
     parser.add_argument("--download-wheels", type=Path, metavar="FOLDER",
                         help="download the wheels to carry in, then exit (needs network)")
+    parser.add_argument("--environment", action="store_true",
+                        help="only record the environment into --out/environment.json (the "
+                             "first step runs this)")
     args = parser.parse_args(argv)
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))  # trt_exit runs from this checkout
@@ -340,30 +470,49 @@ def main(argv: list[str] | None = None) -> int:
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = (args.out or Path(f"acceptance-{stamp}")).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if args.environment:
+        info = environment(out)
+        print(json.dumps(info.get("cuda", {})))
+        return 0
     steps = plan(out, args.wheels)
     summary: dict = {"created": stamp, "repo": str(REPO), "budget_s": BUDGET_S,
-                     "dry_run": args.dry_run}
+                     "margin_s": MARGIN_S, "dry_run": args.dry_run, "complete": False}
     if args.dry_run:
         dry_run(steps, out, args.wheels, sys.executable)
         for step in steps:
             state = "PROBLEM" if step.problems else ("skip" if step.skip_reason else "ok")
             print(f"[{state:>7}] {step.name} (timeout {step.timeout_s} s): "
-                  f"{' '.join(step.command) or '(in process)'}")
+                  f"{' '.join(step.command) or '(nothing to run)'}")
             for line in step.checks:
                 print(f"           - {line}")
             for line in step.problems:
                 print(f"           ! {line}")
         summary["steps"] = [asdict(s) for s in steps]
-        summary["ok"] = not any(s.problems for s in steps)
         summary["timeouts_s"] = sum(s.timeout_s for s in steps)
+        over = budget_problem(steps)
+        summary["problems"] = [over] if over else []
+        if over:
+            print(f"        ! {over}")
+        summary["ok"] = not any(s.problems for s in steps) and not over
     else:
-        summary["steps"] = run(steps, out)
+        run(steps, out, summary)
         summary["ok"] = all(r["status"] in ("ok", "skipped") for r in summary["steps"]) and \
             any(r["name"] == "benchmark" and r["status"] == "ok" for r in summary["steps"])
-    (out / "acceptance.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        summary["timed_out"] = [r["name"] for r in summary["steps"] if r["status"] == "timeout"]
+    summary["complete"] = True
+    write_summary(out, summary)
     print(f"{'dry run ' if args.dry_run else ''}{'ok' if summary['ok'] else 'FAILED'}; "
           f"wrote {out / 'acceptance.json'}")
     return 0 if summary["ok"] else 1
+
+
+def budget_problem(steps: list[Step]) -> str:
+    """Why the steps' limits do not fit the budget with its margin ("" if they do)."""
+    total = sum(s.timeout_s for s in steps)
+    if total + MARGIN_S > BUDGET_S:
+        return (f"the steps' time limits add up to {total} s, more than the budget of "
+                f"{BUDGET_S} s less its {MARGIN_S} s margin")
+    return ""
 
 
 if __name__ == "__main__":
