@@ -469,7 +469,10 @@ class CudaExecutor:
 
     def run_full_model(self, inputs: Any, strategy: str | None = None) -> ExitResults:
         """Runs the no-exit baseline (backbone and final head as one stage), as one CUDA graph
-        with ``strategy="graph"`` (the default where graphs work), else enqueued directly."""
+        with ``strategy="graph"`` (the default where graphs work), else enqueued directly.
+
+        Its graphs read device inputs in place, so they are cached per input address (unlike
+        the exit chain's, which copy their inputs in): it is the benchmarks' baseline."""
         from trt_exit.runtime.cuda.api import make_current
         from trt_exit.runtime.cuda.graph import GraphCapture
         from trt_exit.runtime.cuda.stream import host_syncs
