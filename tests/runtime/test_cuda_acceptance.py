@@ -107,7 +107,7 @@ def _python_step(acceptance, name: str, code: str, timeout_s: int):
     return acceptance.Step(name, [sys.executable, "-c", code], timeout_s, needs_gpu=False)
 
 
-def test_a_slow_run_keeps_its_evidence(acceptance, tmp_path, capsys):
+def test_a_slow_run_keeps_its_evidence(acceptance, tmp_path, capsys, monkeypatch):
     """Items 1 and 3: a step that sleeps past its limit is killed with its children and named
     as timed out; acceptance.json is written before and after every step (a run killed from
     outside still says how far it got); the completed steps' logs and JSON stay."""
@@ -126,13 +126,14 @@ def test_a_slow_run_keeps_its_evidence(acceptance, tmp_path, capsys):
         "print('sleeping', flush=True); time.sleep(60)"
         % (out / "acceptance.json", out / "mid-run.json", out / "grandchild.pid")), 2)
     after = _python_step(acceptance, "after", "print('after')", 30)
-    summary: dict = {"dry_run": False}
-    records = acceptance.run([first, slow, after], out, summary)
+    monkeypatch.setattr(acceptance, "plan", lambda out, wheels: [first, slow, after])
+    assert acceptance.main(["--out", str(out)]) == 1
+    written = json.loads((out / "acceptance.json").read_text())
+    records = written["steps"]
     assert [r["status"] for r in records] == ["ok", "timeout", "ok"]
+    assert written["timed_out"] == ["slow"] and written["complete"] and not written["ok"]
     assert "timed out after 2 s" in records[1]["reason"] and records[1]["rc"] == 124
     assert records[1]["seconds"] < 2 + acceptance.KILL_GRACE_S + 5
-    written = json.loads((out / "acceptance.json").read_text())
-    assert [s["status"] for s in written["steps"]] == ["ok", "timeout", "ok"]
     mid = json.loads((out / "mid-run.json").read_text())
     assert [(s["name"], s["status"]) for s in mid["steps"]] == [("first", "ok"),
                                                                 ("slow", "running")]
