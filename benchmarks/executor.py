@@ -184,15 +184,11 @@ def bench_model(model_name: str, batches: list[int], strategies: list[str], repe
                                                      repeats=profile_repeats)
                          for k in range(n)}
                 configs = [(s, k) for s in strategies for k in range(n)] + [("full_graph", None)]
-                if "graph" in strategies:
-                    configs.append(("graph_same_input", 0))
 
                 def run(config, x):
                     strategy, k = config
                     if strategy == "full_graph":
                         return executor.run_full_model(x, strategy="graph")
-                    if strategy == "graph_same_input":
-                        return executor.run(buffers[0], policies[k], strategy="graph")
                     return executor.run(x, policies[k], strategy=strategy)
 
                 _progress(f"{model_name} batch {batch}: {warmup} warm-up and {repeats} timed "
@@ -250,14 +246,11 @@ def bench_model(model_name: str, batches: list[int], strategies: list[str], repe
                     "strategies": executor.describe()["strategies"],
                     "graph_failures": executor.graph_failures,
                 }
-                same = ("graph_same_input", 0)
-                if same in wall:
-                    entry["input_copy"] = {
-                        "copy_gpu_ms": stage_ms.get("copy_inputs"),
-                        "bytes": int(np.prod(shape)) * 4 * batch,
-                        "graph_exit0_same_input": _summary(wall[same]),
-                        "graph_exit0_alternating_inputs": _summary(wall[("graph", 0)]),
-                        "device_median_ms_same_input": _median(device_ms[same])}
+                if "graph" in strategies:
+                    entry["input_copy"] = input_copy_cost(executor, policies[0], buffers,
+                                                          min(repeats, 100))
+                    entry["input_copy"].update(copy_gpu_ms=stage_ms.get("copy_inputs"),
+                                               bytes=int(np.prod(shape)) * 4 * batch)
                 if batch == batches[0] and "graph" in strategies and "eager" in strategies:
                     _progress(f"{model_name} batch {batch}: host-wait modes")
                     entry["sync_modes"] = sync_mode_latency(
@@ -269,6 +262,27 @@ def bench_model(model_name: str, batches: list[int], strategies: list[str], repe
                 if on_batch is not None:
                     on_batch(model)
             return model
+
+
+def input_copy_cost(executor, policy, buffers, runs: int) -> dict[str, Any]:
+    """What re-pointing the graph's input copy costs: the graph at ``policy``'s depth with the
+    same tensor every run (its copy node is re-pointed only at the first) against alternating
+    tensors (re-pointed before every launch), in alternating blocks of ``runs // 4`` runs."""
+    wall: dict[str, list[float]] = {"same": [], "alternating": []}
+    device: dict[str, list[float]] = {"same": [], "alternating": []}
+    block = max(runs // 4, 1)
+    for _ in range(4):
+        for kind in ("same", "alternating"):
+            for i in range(block):
+                x = buffers[0] if kind == "same" else buffers[i % 2]
+                result = executor.run(x, policy, strategy="graph")
+                wall[kind].append(result.latency_ms)
+                device[kind].append(executor.last_device_ms)
+    return {"graph_same_input": {**_summary(wall["same"]),
+                                 "device_median_ms": _median(device["same"])},
+            "graph_alternating_inputs": {**_summary(wall["alternating"]),
+                                         "device_median_ms": _median(device["alternating"])},
+            "runs_each": 4 * block, "exit": 0}
 
 
 def sync_mode_latency(executor, policy, buffers, rounds: int, modes, set_mode) -> dict:

@@ -193,3 +193,93 @@ def test_refuses_to_run_without_a_gpu(bench, capsys):
         pytest.skip("a GPU is present")
     assert bench.main(["--models", "multi_exit_vit_digits"]) == 2
     assert "needs an NVIDIA GPU" in capsys.readouterr().err
+
+
+def test_the_benchmarks_plumbing_runs_through_on_a_host_stand_in(bench, tmp_path, monkeypatch):
+    """The first GPU run is rare and short: bench_model's bookkeeping (configurations, rounds,
+    rows, the input-copy and host-wait sections, the progress JSON, acceptance and table) runs
+    here through a stand-in of CudaExecutor that delegates to the host executor on the CPU.
+    Only the plumbing is under test: the stand-in's timings mean nothing."""
+    import json
+    from types import SimpleNamespace
+
+    import torch
+
+    from trt_exit.runtime import cuda_executor
+    from trt_exit.runtime.cuda import api
+    from trt_exit.runtime.cuda_plan import plan_exits
+    from trt_exit.runtime.executor import Executor
+
+    class HostStandIn:
+        def __init__(self, manifest, backend, max_batch, device_timing, policy,
+                     graph_cache_size):
+            self.inner = Executor(manifest, "torch", policy=policy,
+                                  backend_options={"device": "cpu"})
+            self.n = manifest.num_exits
+            self.backend = SimpleNamespace(torch_device="cpu")
+            self.captures, self.last_device_ms, self.graph_failures = 0, None, []
+            self.sync_mode, self.sync_mode_basis = "auto", "stand-in"
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.inner.close()
+
+        def graph_unavailable(self):
+            return ""
+
+        def describe(self):
+            return {"executor": "stand-in", "strategies": {}}
+
+        def plan(self, policy):
+            policy.validate(self.n)
+            return plan_exits(policy, self.n)
+
+        def run(self, x, policy, strategy="graph"):
+            results = self.inner.run(np.asarray(x), policy)
+            results.strategy = strategy
+            results.host_syncs = 1 if strategy == "graph" else int(results.exit_index.max()) + 1
+            self.last_device_ms = results.latency_ms * 0.9
+            return results
+
+        def run_full_model(self, x, strategy="graph"):
+            results = self.inner.run_full_model(np.asarray(x))
+            results.strategy, results.host_syncs = strategy, 1
+            self.last_device_ms = results.latency_ms * 0.9
+            return results
+
+        def profile_stages(self, x, repeats, chain_overheads):
+            return {"segment_0": 0.1, "copy_inputs": 0.001}
+
+        def time_flat_chain(self, x, policy, depth, repeats):
+            return 0.01 * (depth + 1)
+
+        def graph_census(self, policy, batch):
+            return {"levels": [{"conditional": 1}] * (self.n - 1) + [{}], "unknown_bodies": 0}
+
+    monkeypatch.setattr(cuda_executor, "CudaExecutor", HostStandIn)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    modes = []
+    monkeypatch.setattr(api, "set_sync_mode", lambda mode: modes.append(mode) or mode)
+    path = tmp_path / "executor-stand-in.json"
+    recorder = bench.Recorder(path, {"gpu": {"name": "stand-in", "driver_cuda_version": "-"},
+                                     "software": {}})
+    model = bench.bench_model("multi_exit_vit_digits", [1, 2], list(bench.STRATEGIES),
+                              repeats=3, warmup=1, profile_repeats=2,
+                              on_batch=recorder.model_progress)
+    assert [b["batch"] for b in model["batches"]] == [1, 2]
+    first = model["batches"][0]
+    assert len(first["rows"]) == 3 * model["num_exits"]
+    assert {r["conditional_nodes"] for r in first["rows"] if r["strategy"] == "graph"} == \
+        {model["num_exits"] - 1}
+    assert set(first["input_copy"]) >= {"graph_same_input", "graph_alternating_inputs",
+                                        "copy_gpu_ms", "bytes"}
+    assert set(first["sync_modes"]) >= {"auto", "spin", "yield", "blocking"}
+    assert "sync_modes" not in model["batches"][1]  # the first batch size only
+    assert modes[-1] == "auto"  # the executor's own mode again at the end
+    written = json.loads(path.read_text())
+    assert written["complete"] is False and len(written["models"][0]["batches"]) == 2
+    failures = bench.acceptance(written)
+    assert not any("IF nodes" in f or "host syncs" in f for f in failures), failures
+    assert bench.format_table(written).count("| digits |") == 2 * model["num_exits"]
