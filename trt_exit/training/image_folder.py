@@ -84,6 +84,75 @@ def create_transform(config: dict[str, Any], training: bool):
         crop_mode=config["crop_mode"])
 
 
+#: How every image file is decoded before the transform (training, evaluation, run).
+DECODE = "PIL.Image.open(file).convert('RGB')"
+
+
+def describe_transform(transform) -> list[dict[str, Any]]:
+    """The steps of a (composed) timm / torchvision transform as JSON:
+    ``[{"op": class name, setting: value, ...}, ...]``."""
+    steps = []
+    for step in getattr(transform, "transforms", [transform]):
+        settings = {key: _json_value(value) for key, value in vars(step).items()
+                    if not key.startswith("_") and key not in ("training", "inplace")}
+        steps.append({"op": type(step).__name__, **settings})
+    return steps
+
+
+def _json_value(value: Any) -> Any:
+    import enum
+
+    if hasattr(value, "tolist"):  # a tensor (Normalize's mean and std): float32 values
+        return [float(f"{v:.7g}") for v in value.tolist()]
+    if isinstance(value, enum.Enum):  # torchvision's InterpolationMode
+        return value.value
+    if isinstance(value, (tuple, list)):
+        return [_json_value(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return repr(value)
+
+
+def transform_formula(steps: list[dict[str, Any]], config: dict[str, Any]) -> str:
+    """The evaluation transform in words, step by step (what :func:`describe_transform`
+    records), so that anyone can make the model's inputs without timm."""
+    height, width = config["input_size"][1:]
+    parts = [f"rgb = {DECODE}"]
+    for step in steps:
+        op = step["op"]
+        size = step.get("size")
+        how = f"{step.get('interpolation')}{', antialiased' if step.get('antialias') else ''}"
+        if op == "Resize" and isinstance(size, int):
+            parts.append(f"resize the shorter side to {size} px = floor({height} / crop_pct "
+                         f"{config['crop_pct']:g}) and the longer side in proportion, rounded "
+                         f"down ({how})")
+        elif op == "Resize":
+            parts.append(f"resize to {size[0]}x{size[1]} px (height x width, {how})")
+        elif op in ("CenterCrop", "CenterCropOrPad"):
+            pad = f", padded with {step.get('fill')} where smaller" if op == "CenterCropOrPad" else ""
+            parts.append(f"crop the centre {size[0]}x{size[1]} px{pad}")
+        elif op in ("ToTensor", "MaybeToTensor"):
+            parts.append("x = rgb / 255 as (3, H, W) float32")
+        elif op == "Normalize":
+            parts.append(f"x = (x - mean) / std per channel, mean {step['mean']}, std "
+                         f"{step['std']}")
+        else:
+            parts.append(f"{op}({', '.join(f'{k}={v}' for k, v in step.items() if k != 'op')})")
+    return "; ".join(parts)
+
+
+def eval_transform_record(config: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's preprocessing record of a timm backbone: its data config, the evaluation
+    transform timm builds from it (each step and its settings), and that transform in words."""
+    timm = require("timm", "timm", "Image folders")
+    steps = describe_transform(create_transform(config, training=False))
+    return {**config, "decode": DECODE, "eval_transform": steps,
+            "formula": transform_formula(steps, config), "layout": "NCHW float32",
+            "source": "timm.data.resolve_data_config of the backbone (its pretrained config), "
+                      "timm.data.create_transform(is_training=False)",
+            "timm": timm.__version__}
+
+
 # --------------------------------------------------------------------------- finding the images
 
 
@@ -101,7 +170,9 @@ class ImageList:
         return ImageList([self.paths[i] for i in indices], self.targets[indices])
 
 
-def _extensions() -> set[str]:
+def image_extensions() -> set[str]:
+    """File suffixes of images (timm's list: .png, .jpg, .jpeg, .webp, ...)."""
+    require("timm", "timm", "Image files")
     from timm.data.readers.img_extensions import get_img_extensions
 
     return set(get_img_extensions(as_set=True))
@@ -109,7 +180,7 @@ def _extensions() -> set[str]:
 
 def _class_tree(folder: Path) -> tuple[list[str], list[tuple[str, str]]]:
     """Class names and (path, class) pairs of a folder of class folders."""
-    extensions = _extensions()
+    extensions = image_extensions()
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ConfigError(f"{folder} has no class folders; put each class's images in "
@@ -254,7 +325,7 @@ def _find_in_table(path: Path, seed: int, val_fraction: float, test_fraction: fl
     if "path" not in keys or value_key is None:
         raise ConfigError(f"{path} needs a 'path' column and a 'label' (classes) or 'count' / "
                           f"'value' (regression) column; it has {sorted(map(str, keys))}")
-    extensions = _extensions()
+    extensions = image_extensions()
     paths, values, splits = [], [], []
     for number, row in rows:
         where = f"{path}:{number}"
