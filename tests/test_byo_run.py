@@ -140,7 +140,8 @@ def test_run_takes_folders_and_imagefolder_uris(timm_run, tmp_path, capsys):
 @pytest.mark.parametrize("case, message", [
     ("not an image", "is not an image Pillow can read"),
     ("truncated", "could not be decoded (a truncated or damaged image; 4 earlier images had run)"),
-    ("text file", "notes.txt is not an image (.jp"),
+    ("text file", "notes.txt is not a .npy or .npz array file"),
+    ("text file among images", "notes.txt is not an image (.jp"),
     ("missing", "does not exist"),
     ("empty folder", "holds no images"),
 ])
@@ -155,7 +156,7 @@ def test_bad_image_inputs_are_one_line_and_write_nothing(timm_run, tmp_path, cas
     elif case == "truncated":
         data = (folder / "4.jpg").read_bytes()  # the header reads, the pixels do not
         (folder / "4.jpg").write_bytes(data[: len(data) * 3 // 4])
-    elif case == "text file":
+    elif case.startswith("text file"):
         source = tmp_path / "notes.txt"
         source.write_text("hello")
     elif case == "missing":
@@ -164,7 +165,8 @@ def test_bad_image_inputs_are_one_line_and_write_nothing(timm_run, tmp_path, cas
         source = tmp_path / "empty"
         source.mkdir()
     out = tmp_path / "out.jsonl"
-    status = _cli("run", run, "--input", source, "--output", out, "--chunk", 2, "--workers", 0)
+    sources = [folder, source] if case == "text file among images" else [source]
+    status = _cli("run", run, "--input", *sources, "--output", out, "--chunk", 2, "--workers", 0)
     err = capsys.readouterr().err.strip()
     assert status == 2 and message in err and len(err.splitlines()) == 1, err
     assert not out.exists()
@@ -207,3 +209,24 @@ def test_export_takes_the_run_as_tune_eval_and_run_do(timm_run, tmp_path, capsys
     assert "two output directories" in capsys.readouterr().err
     assert _cli("export") == 2
     assert "give the run directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda pre: pre["eval_transform"][0].update(size=99), "builds another evaluation transform"),
+    (lambda pre: pre.update(eval_transform=[{"size": 3}]), "preprocessing.eval_transform[0].op"),
+    (lambda pre: pre.update(eval_transform="resize"), "preprocessing.eval_transform must be a list"),
+])
+def test_a_recorded_transform_that_is_not_what_timm_builds_is_refused(timm_run, tmp_path, change,
+                                                                     message, capsys):
+    """A manifest edited by hand (or written by another timm) does not silently decode images
+    otherwise than its model was evaluated."""
+    run, root = timm_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    data = json.loads((copy / "manifest.json").read_text())
+    change(data["preprocessing"])
+    data["model"]["dataset"]["options"].pop("crop_pct")  # the preprocessing record decides
+    (copy / "manifest.json").write_text(json.dumps(data))
+    assert _cli("run", copy, "--input", root / "class_0" / "0.jpg") == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err

@@ -300,7 +300,7 @@ def _run(args: argparse.Namespace) -> int:
     from trt_exit.runtime.executor import Executor
 
     manifest = _load_manifest(args.dir)
-    arrays = len(args.input) == 1 and Path(args.input[0]).suffix.lower() in (".npy", ".npz")
+    arrays = _is_array_input(args.input)
     output = None
     if args.output:
         output = check_output_file(args.output, "--output", models=[manifest],
@@ -337,6 +337,24 @@ def _run(args: argparse.Namespace) -> int:
     if output is not None:
         print(f"{count} results in {latency_ms:.3f} ms; wrote {output}")
     return 0
+
+
+def _is_array_input(sources: list[str]) -> bool:
+    """One file that is not an image (``.npy`` / ``.npz``, or anything the array reader then
+    refuses by name) rather than images: files, folders, ``imagefolder://``."""
+    if len(sources) != 1 or "://" in sources[0] or Path(sources[0]).is_dir():
+        return False
+    suffix = Path(sources[0]).suffix.lower()
+    if suffix in (".npy", ".npz"):
+        return True
+    from trt_exit.errors import MissingDependencyError
+
+    try:
+        from trt_exit.training.image_folder import image_extensions
+
+        return suffix not in image_extensions()
+    except MissingDependencyError:  # without timm no image is read: the array reader says why
+        return True
 
 
 def _array_results(executor, inputs, chunk: int, policy):

@@ -658,6 +658,23 @@ def recorded_data_config(manifest: Any) -> dict[str, Any]:
         raise ConfigError(f"{manifest.path} records no image transform (a timm data config: "
                           f"input size, mean, std, crop), so it cannot take image files; give "
                           f"preprocessed arrays (.npy / .npz) instead")
+    try:
+        channels = [float(v) for v in config["mean"]], [float(v) for v in config["std"]]
+        config = {**config, "input_size": [int(v) for v in config["input_size"]],
+                  "mean": channels[0], "std": channels[1],
+                  "interpolation": str(config["interpolation"]),
+                  "crop_pct": float(config["crop_pct"]), "crop_mode": str(config["crop_mode"])}
+        valid = (len(config["input_size"]) == 3 and min(config["input_size"]) >= 1
+                 and max(config["input_size"][1:]) <= 8192  # a camera image is smaller
+                 and len(channels[0]) == len(channels[1]) == config["input_size"][0]
+                 and min(channels[1]) > 0 and 0 < config["crop_pct"] <= 1)
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ConfigError(f"{manifest.path}: the recorded data config {config} is malformed "
+                          f"(input_size [C, H, W] with sides up to 8192, one mean and std > 0 "
+                          f"per channel, crop_pct in (0, 1]); re-export the model (trt-exit "
+                          f"export)")
     return config
 
 
