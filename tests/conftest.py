@@ -124,6 +124,12 @@ TINY_TIMM_ARGS = ["--timm", "vit_tiny_patch16_224", "--timm-arg", "img_size=32",
 
 
 @pytest.fixture(scope="session")
+def tiny_timm_args() -> list[str]:
+    """``trt-exit train`` options of the tiny timm ViT (:data:`TINY_TIMM_ARGS`)."""
+    return list(TINY_TIMM_ARGS)
+
+
+@pytest.fixture(scope="session")
 def timm_run(images, tmp_path_factory):
     """``(run directory, image root)``: a tiny timm ViT trained on 8 generated images per class
     (end to end, 2 epochs), exported and tuned through the CLI. Read-only: copy it to change it."""
@@ -135,7 +141,7 @@ def timm_run(images, tmp_path_factory):
     steps = [["train", *TINY_TIMM_ARGS, "--data", f"imagefolder://{root}", "--exits", "1:slvit",
               "--regime", "end_to_end", "--epochs", "2", "--batch-size", "8", "--workers", "0",
               "--no-progress", "--out", str(run)],
-             ["export", str(run)], ["tune", str(run), "--repeats", "3"]]
+             ["export", "--out", str(run)], ["tune", str(run), "--repeats", "3"]]
     for argv in steps:
         assert main(argv) == 0, argv
     return run, root
