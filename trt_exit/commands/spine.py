@@ -56,6 +56,11 @@ def _add_train_options(parser: argparse.ArgumentParser, recipe: str) -> None:
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _add_workers(parser, what: str) -> None:
+    parser.add_argument("--workers", type=NON_NEGATIVE, default=2,
+                        help=f"DataLoader workers decoding {what} (0: in the main process)")
+
+
 def _add_floor_confidence(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--floor-confidence", type=confidence_level, default=DEFAULT_FLOOR_CONFIDENCE,
@@ -423,8 +428,7 @@ def register(subparsers) -> None:
     byo.add_argument("--data", metavar="URI", help="imagefolder://DIR (class folders, or train/ "
                                                    "val/ test/ of them) or imagefolder://FILE.csv")
     byo.add_argument("--input-size", metavar="C,H,W", help="input size (default: the backbone's)")
-    byo.add_argument("--workers", type=NON_NEGATIVE, default=2,
-                     help="DataLoader workers decoding images (0: in the main process)")
+    _add_workers(byo, "images")
     byo.add_argument("--resume", action="store_true",
                      help="continue OUT.partial (an interrupted run) after its last epoch")
     p.set_defaults(func=_train)
@@ -456,8 +460,7 @@ def register(subparsers) -> None:
                    help="evaluate on your labelled images instead: imagefolder://DIR (class "
                         "folders) or imagefolder://FILE.csv / .jsonl, decoded with the model's "
                         "own evaluation transform")
-    p.add_argument("--workers", type=NON_NEGATIVE, default=2,
-                   help="DataLoader workers decoding --data images (0: in the main process)")
+    _add_workers(p, "--data images")
     p.add_argument("--passes", type=COUNT, default=3, help="timed passes over the split")
     p.add_argument("--out", help="write the report as JSON here (its folder must exist)")
     p.set_defaults(func=_eval)
@@ -477,7 +480,6 @@ def register(subparsers) -> None:
     p.add_argument("--chunk", type=COUNT, default=DEFAULT_CHUNK,
                    help=f"samples per executor run (default {DEFAULT_CHUNK}): large inputs run "
                         f"in chunks, so memory stays flat")
-    p.add_argument("--workers", type=NON_NEGATIVE, default=2,
-                   help="DataLoader workers decoding images (0: in the main process)")
+    _add_workers(p, "images")
     _add_backend_options(p)
     p.set_defaults(func=_run)

@@ -521,6 +521,8 @@ class ImageFolderSplit:
         for inputs, batch_targets in self.batches(64, training=False):
             chunks.append(inputs[tn.IMAGE].numpy())
             targets.append(batch_targets.numpy())
+        if not chunks:
+            raise InputError(f"{self.name} has no images to decode")
         return Dataset({tn.IMAGE: np.concatenate(chunks).astype(np.float32)},
                        np.concatenate(targets), self.task, self.name,
                        {**self.info, "skipped_images": self.skipped_images})
