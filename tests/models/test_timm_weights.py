@@ -141,16 +141,26 @@ def test_position_embeddings_are_resampled_as_timm_does(tmp_path, name, trained)
 
 
 def test_beit_relative_position_tables_are_resized_and_recorded(tmp_path):
+    from safetensors.torch import load_file
+    from timm.models import beit
+
     _, path = _weights(tmp_path, "beit_base_patch16_224", num_classes=5, img_size=32,
                        patch_size=8, **SMALL)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = create_timm_model("beit_base_patch16_224", checkpoint=path, img_size=64,
-                                  patch_size=8, **SMALL)
+    model = create_timm_model("beit_base_patch16_224", checkpoint=path, img_size=64,
+                              patch_size=8, **SMALL)
     assert getattr(model, CREATE_ARGS_ATTR)["weights"]["resampled"] == [{
         "tensor": "*.relative_position_bias_table", "tables": 2, "from_window": [4, 4],
         "to_window": [8, 8], "function": "timm.layers.resize_rel_pos_bias_table"}]
-    assert model.blocks[0].attn.relative_position_bias_table.shape == (15 * 15 + 3, 2)
+    fresh = timm.create_model("beit_base_patch16_224", pretrained=False, num_classes=5,
+                              img_size=64, patch_size=8, **SMALL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = beit.checkpoint_filter_fn(load_file(str(path)), fresh)
+    for k in (0, 1):
+        key = f"blocks.{k}.attn.relative_position_bias_table"
+        assert model.get_parameter(key).shape == (15 * 15 + 3, 2)
+        torch.testing.assert_close(model.get_parameter(key).detach(), expected[key], rtol=0,
+                                   atol=0)
 
 
 def test_the_resampling_is_recorded_in_the_manifest(tmp_path):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -144,9 +145,12 @@ def resample_position_tables(model: nn.Module, state: dict[str, Any]) -> list[di
         table = getattr(module, _REL_TABLE, None)
         if table is None or tuple(state[key].shape) == tuple(table.shape):
             continue
-        state[key] = timm.layers.resize_rel_pos_bias_table(
-            state[key], new_window_size=tuple(module.window_size),
-            new_bias_shape=tuple(table.shape))
+        with warnings.catch_warnings():  # its interpolator's notes on torch's indexing API
+            warnings.filterwarnings("ignore", category=UserWarning,
+                                    module="timm.layers.interpolate")
+            state[key] = timm.layers.resize_rel_pos_bias_table(
+                state[key], new_window_size=tuple(module.window_size),
+                new_bias_shape=tuple(table.shape))
         resized.append(key)
     if resized:
         records.append({"tensor": f"*.{_REL_TABLE}", "tables": len(resized),
