@@ -214,7 +214,8 @@ def test_export_takes_the_run_as_tune_eval_and_run_do(timm_run, tmp_path, capsys
 @pytest.mark.parametrize("change, message", [
     (lambda pre: pre["eval_transform"][0].update(size=99), "builds another evaluation transform"),
     (lambda pre: pre.update(eval_transform=[{"size": 3}]), "preprocessing.eval_transform[0].op"),
-    (lambda pre: pre.update(eval_transform="resize"), "preprocessing.eval_transform must be a list"),
+    (lambda pre: pre.update(eval_transform="resize"),
+     "preprocessing.eval_transform must be a list"),
 ])
 def test_a_recorded_transform_that_is_not_what_timm_builds_is_refused(timm_run, tmp_path, change,
                                                                      message, capsys):

@@ -279,7 +279,8 @@ def check_manifest_data(data: Any, where: str) -> None:
                 "export"):
         check.dict(data.get(key, {}), key)
     if data.get("preprocessing", {}).get("eval_transform") is not None:
-        _eval_transform(check, data["preprocessing"]["eval_transform"], "preprocessing.eval_transform")
+        _eval_transform(check, data["preprocessing"]["eval_transform"],
+                        "preprocessing.eval_transform")
     for i, point in enumerate(check.list(data.get("operating_points", []), "operating_points")):
         check.dict(point, f"operating_points[{i}]")
         if "thresholds" in point:

@@ -249,6 +249,6 @@ def load_weights_into(module: "torch.nn.Module", path: str | os.PathLike,
     state = read_state_dict(path) if state is None else state
     problems = state_mismatches(module.state_dict(), state)
     if problems:
-        raise ArtifactError(f"{path} does not fit {type(module).__name__}: {problems}; "
-                            f"{hint or 'is it a checkpoint of another architecture or class count?'}")
+        hint = hint or "is it a checkpoint of another architecture or class count?"
+        raise ArtifactError(f"{path} does not fit {type(module).__name__}: {problems}; {hint}")
     module.load_state_dict(state, strict=True)

@@ -210,6 +210,7 @@ def architecture_hint(model: nn.Module, state: dict[str, Any], given: dict[str, 
     if advice:
         text = (f"add the creation argument(s) {' '.join(advice)} (--timm-arg KEY=VALUE each)")
         if "num_heads=H" in advice:
-            text += ", with H the attention heads it was trained with (the weights do not show them)"
+            text += (", with H the attention heads it was trained with (the weights do not show "
+                     "them)")
         parts.append(text)
     return "; ".join(parts)

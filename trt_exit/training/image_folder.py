@@ -129,7 +129,8 @@ def transform_formula(steps: list[dict[str, Any]], config: dict[str, Any]) -> st
         elif op == "Resize":
             parts.append(f"resize to {size[0]}x{size[1]} px (height x width, {how})")
         elif op in ("CenterCrop", "CenterCropOrPad"):
-            pad = f", padded with {step.get('fill')} where smaller" if op == "CenterCropOrPad" else ""
+            pad = (f", padded with {step.get('fill')} where smaller"
+                   if op == "CenterCropOrPad" else "")
             parts.append(f"crop the centre {size[0]}x{size[1]} px{pad}")
         elif op in ("ToTensor", "MaybeToTensor"):
             parts.append("x = rgb / 255 as (3, H, W) float32")
