@@ -115,3 +115,33 @@ class ImageFolderWriter:
 def images() -> ImageFolderWriter:
     """Writer of generated image folders (``images.write_class_folders(root)``)."""
     return ImageFolderWriter()
+
+
+#: A tiny timm ViT trained by ``trt-exit train --timm`` (classes from the images' colours).
+TINY_TIMM_ARGS = ["--timm", "vit_tiny_patch16_224", "--timm-arg", "img_size=32",
+                  "--timm-arg", "patch_size=8", "--timm-arg", "depth=2",
+                  "--timm-arg", "embed_dim=32", "--timm-arg", "num_heads=2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_timm_args() -> list[str]:
+    """``trt-exit train`` options of the tiny timm ViT (:data:`TINY_TIMM_ARGS`)."""
+    return list(TINY_TIMM_ARGS)
+
+
+@pytest.fixture(scope="session")
+def timm_run(images, tmp_path_factory):
+    """``(run directory, image root)``: a tiny timm ViT trained on 8 generated images per class
+    (end to end, 2 epochs), exported and tuned through the CLI. Read-only: copy it to change it."""
+    from trt_exit.cli import main
+
+    base = tmp_path_factory.mktemp("timm_run")
+    root = images.write_class_folders(base / "data", per_class=8)
+    run = base / "run"
+    steps = [["train", *TINY_TIMM_ARGS, "--data", f"imagefolder://{root}", "--exits", "1:slvit",
+              "--regime", "end_to_end", "--epochs", "2", "--batch-size", "8", "--workers", "0",
+              "--no-progress", "--out", str(run)],
+             ["export", "--out", str(run)], ["tune", str(run), "--repeats", "3"]]
+    for argv in steps:
+        assert main(argv) == 0, argv
+    return run, root

@@ -224,6 +224,21 @@ def _latencies(check: _Checker, value: Any, field: str) -> None:
         check.number(ms, f"{field}.{name}", 0.0)
 
 
+#: The most steps a recorded image transform may have (timm's have four).
+MAX_TRANSFORM_STEPS = 64
+
+
+def _eval_transform(check: _Checker, value: Any, field: str) -> None:
+    """``preprocessing.eval_transform``: the evaluation transform's steps as recorded by
+    :func:`trt_exit.training.image_folder.describe_transform` (``run`` compares them with the
+    transform timm builds)."""
+    steps = check.list(value, field, nonempty=True)
+    if len(steps) > MAX_TRANSFORM_STEPS:
+        check.fail(field, f"must have at most {MAX_TRANSFORM_STEPS} steps, not {len(steps)}")
+    for i, step in enumerate(steps):
+        check.str(check.dict(step, f"{field}[{i}]").get("op"), f"{field}[{i}].op")
+
+
 def check_manifest_data(data: Any, where: str) -> None:
     """Checks the structure and types of a manifest's JSON (after its format version).
 
@@ -263,6 +278,9 @@ def check_manifest_data(data: Any, where: str) -> None:
     for key in ("preprocessing", "tuning", "latency_profile", "parity", "calibration", "build",
                 "export"):
         check.dict(data.get(key, {}), key)
+    if data.get("preprocessing", {}).get("eval_transform") is not None:
+        _eval_transform(check, data["preprocessing"]["eval_transform"],
+                        "preprocessing.eval_transform")
     for i, point in enumerate(check.list(data.get("operating_points", []), "operating_points")):
         check.dict(point, f"operating_points[{i}]")
         if "thresholds" in point:

@@ -86,7 +86,8 @@ def train_timm_run(out: str | os.PathLike, timm_name: str, data: str, exits: lis
         progress: Show progress bars.
 
     Returns:
-        A summary (per-exit validation metric, seconds, images skipped).
+        A summary (per-exit validation metric, task, classes, checkpoint path, images skipped,
+        and what was read off or resampled in the weights file).
     """
     from trt_exit.training.image_folder import data_path
 
@@ -204,7 +205,8 @@ def _train_into(partial: Path, out: Path, root: Path, timm_name: str, exits: lis
     os.replace(partial, out)
     return {"val_metrics": val_metrics, "task": task, "classes": classes,
             "checkpoint": str(out / CHECKPOINT_NAME),
-            "skipped_images": splits["train"].skipped_images}
+            "skipped_images": splits["train"].skipped_images,
+            "weights": net.config.backbone_options.get("weights")}
 
 
 def remove_partial(out: str | os.PathLike) -> None:

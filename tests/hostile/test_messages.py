@@ -16,7 +16,7 @@ from .conftest import assert_refused, cli
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("case,message", [("folder", "is a folder; name a file"),
+@pytest.mark.parametrize("case,message", [("folder", "records no image transform"),  # images
                                           ("/dev/null", "is not a regular file"),
                                           ("text.npy", "is not a .npy or .npz array file (it "
                                                        "starts with b'hello,'"),

@@ -52,10 +52,16 @@ def _calibrate(args: argparse.Namespace) -> int:
         splits = load_splits(info["name"], info["seed"], info.get("options"))
         split = splits[args.split]
         if hasattr(split, "materialize"):  # a streamed image folder: decode only the sample
-            from trt_exit.training.image_folder import sample_stratified
+            from trt_exit.training.image_folder import SAMPLE_RULE, sample_decodable
 
-            split = split.subset(sample_stratified(split, args.size, args.seed)).materialize()
-        cset = calib.from_dataset(split, args.size, args.seed)
+            sample = sample_decodable(split, args.size, args.seed)
+            cset = calib.CalibrationSet(dict(sample.inputs), {
+                "kind": "dataset", "split": split.name, "samples_in_split": len(split),
+                "seed": args.seed, "selection": SAMPLE_RULE,
+                "skipped_images": sample.info["skipped_images"],
+                **{f"dataset_{k}": v for k, v in split.info.items()}})
+        else:
+            cset = calib.from_dataset(split, args.size, args.seed)
     manifest = calib.save(manifest, cset)
     record = manifest.calibration
     origin = record["origin"]

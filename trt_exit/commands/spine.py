@@ -17,7 +17,7 @@ from trt_exit.commands.options import (
     confidence_level,
     number,
 )
-from trt_exit.errors import ConfigError
+from trt_exit.errors import ConfigError, OutputError
 from trt_exit.fileio import check_input_file, check_output_dir, check_output_file
 from trt_exit.runtime import DEFAULT_CHUNK, DEFAULT_FLOOR_CONFIDENCE
 
@@ -54,6 +54,11 @@ def _add_train_options(parser: argparse.ArgumentParser, recipe: str) -> None:
                                        "replacing the model's; TYPE is a registered exit family")
     group.add_argument("--threads", type=THREADS, help="torch threads for training")
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_workers(parser, what: str) -> None:
+    parser.add_argument("--workers", type=NON_NEGATIVE, default=2,
+                        help=f"DataLoader workers decoding {what} (0: in the main process)")
 
 
 def _add_floor_confidence(parser: argparse.ArgumentParser) -> None:
@@ -143,11 +148,20 @@ def _train_timm(args: argparse.Namespace) -> int:
                              config, args.checkpoint, parse_timm_args(args.timm_arg), size,
                              args.workers, args.resume, progress=not args.no_progress)
     metric = "accuracy" if summary["task"] == "classification" else "MAE"
+    weights = summary.get("weights") or {}
+    if weights.get("inferred"):
+        print(f"read off {weights['file']}: "
+              + ", ".join(f"{k}={v}" for k, v in weights["inferred"].items()))
+    for change in weights.get("resampled", []):
+        print(f"resampled {change['tensor']} of {weights['file']} from "
+              f"{'x'.join(map(str, change.get('from_grid') or change.get('from_window') or ['?']))}"
+              f" to {'x'.join(map(str, change.get('to_grid') or change['to_window']))} patches "
+              f"({change['function']})")
     print(f"trained {args.timm} exits ({regime}); val {metric} per exit: "
           f"{', '.join(f'{m:.4f}' for m in summary['val_metrics'])}"
           + (f"; skipped {summary['skipped_images']} unreadable training images"
              if summary["skipped_images"] else ""))
-    print(f"wrote {summary['checkpoint']}; next: trt-exit export --out {args.out}")
+    print(f"wrote {summary['checkpoint']}; next: trt-exit export {args.out}")
     return 0
 
 
@@ -180,6 +194,12 @@ def _export(args: argparse.Namespace) -> int:
     from trt_exit.models.checkpoint import load_checkpoint, read_metadata
     from trt_exit.workflow import CHECKPOINT_NAME, export_step, load_splits
 
+    if args.dir and args.out and Path(args.dir).resolve() != Path(args.out).resolve():
+        raise ConfigError(f"export {args.dir} --out {args.out}: two output directories; give "
+                          f"one (trt-exit export RUN)")
+    args.out = args.out or args.dir
+    if not args.out:
+        raise ConfigError("give the run directory: trt-exit export RUN (or --out RUN)")
     checkpoint = Path(args.checkpoint or Path(args.out) / CHECKPOINT_NAME)
     check_input_file(checkpoint, "checkpoint")
     check_output_dir(args.out, "--out", create=True)
@@ -229,9 +249,16 @@ def _eval(args: argparse.Namespace) -> int:
     manifest = _load_manifest(args.dir)
     if args.out:
         check_output_file(args.out, "--out", models=[manifest])
-    info = dataset_of(manifest)
-    splits = load_splits(info["name"], info["seed"], info.get("options"))
-    report = evaluate_step(manifest, splits[args.split], args.backend, args.precision, args.passes)
+    if args.data:  # the user's labelled images, transformed as the model's own splits were
+        from trt_exit.training.image_inputs import labelled_images
+
+        data = labelled_images(manifest, args.data, args.split, args.workers)
+    else:
+        info = dataset_of(manifest)
+        data = load_splits(info["name"], info["seed"], info.get("options"))[args.split or "test"]
+    report = evaluate_step(manifest, data, args.backend, args.precision, args.passes)
+    if data.info.get("skipped_images"):
+        report["skipped_images"] = data.info["skipped_images"]
     print(format_report(report))
     if args.out:
         atomic_write_json(args.out, report)
@@ -278,12 +305,24 @@ def _run(args: argparse.Namespace) -> int:
     from trt_exit.runtime.executor import Executor
 
     manifest = _load_manifest(args.dir)
+    arrays = _is_array_input(args.input)
     output = None
     if args.output:
         output = check_output_file(args.output, "--output", models=[manifest],
-                                   inputs=[("--input", args.input)])
-    inputs = load_arrays(args.input, "input file", lazy=True)
+                                   inputs=[("--input", source) for source in args.input
+                                           if "://" not in source])
     policy = parse_policy(args.policy, manifest)
+    if arrays:
+        inputs = load_arrays(args.input[0], "input file", lazy=True)
+    else:  # image files: decoded and transformed as the model's evaluation split was
+        from trt_exit.training.image_inputs import gather, model_transform
+
+        model_transform(manifest)  # a model that takes images, before the files are read
+        images, labels = gather(args.input, int((manifest.model.get("dataset") or {}).get(
+            "seed", 0) or 0))
+        if output is not None and output.resolve() in {Path(p).resolve() for p in images.paths}:
+            raise OutputError(f"--output {output} is one of the input images; writing it would "
+                              f"destroy it: choose another name")
     with Executor(manifest, args.backend, args.precision) as executor, \
             contextlib.ExitStack() as stack:
         if output is not None:
@@ -292,15 +331,52 @@ def _run(args: argparse.Namespace) -> int:
         else:
             sink = sys.stdout
         count, latency_ms = 0, 0.0
-        for results in executor.run_chunks(inputs, args.chunk, policy):
-            lines = [json_text({"sample": count + i, **record}, indent=None)
-                     for i, record in enumerate(results.records())]
+        for results, about in (_array_results(executor, inputs, args.chunk, policy) if arrays
+                               else _image_results(executor, manifest, images, labels,
+                                                   args.chunk, policy, args.workers)):
+            lines = [json_text({"sample": count + i, **extra, **record}, indent=None)
+                     for i, (extra, record) in enumerate(zip(about, results.records()))]
             sink.write("\n".join(lines) + "\n")
             count += len(lines)
             latency_ms += results.latency_ms
     if output is not None:
         print(f"{count} results in {latency_ms:.3f} ms; wrote {output}")
     return 0
+
+
+def _is_array_input(sources: list[str]) -> bool:
+    """One file that is not an image (``.npy`` / ``.npz``, or anything the array reader then
+    refuses by name) rather than images: files, folders, ``imagefolder://``."""
+    if len(sources) != 1 or "://" in sources[0] or Path(sources[0]).is_dir():
+        return False
+    suffix = Path(sources[0]).suffix.lower()
+    if suffix in (".npy", ".npz"):
+        return True
+    from trt_exit.errors import MissingDependencyError
+
+    try:
+        from trt_exit.training.image_folder import image_extensions
+
+        return suffix not in image_extensions()
+    except MissingDependencyError:  # without timm no image is read: the array reader says why
+        return True
+
+
+def _array_results(executor, inputs, chunk: int, policy):
+    """``(results, per-sample extra fields)`` of an array input, chunk by chunk."""
+    for results in executor.run_chunks(inputs, chunk, policy):
+        yield results, [{}] * len(results.exit_index)
+
+
+def _image_results(executor, manifest, images, labels, chunk: int, policy, workers: int):
+    """``(results, per-sample path and label)`` of image files, chunk by chunk."""
+    from trt_exit import tensor_names as tn
+    from trt_exit.training.image_inputs import image_batches
+
+    for batch, indices in image_batches(manifest, images, chunk, workers):
+        about = [{"path": images.paths[i], **({"label": labels[i]} if labels else {})}
+                 for i in indices]
+        yield executor.run({tn.IMAGE: batch}, policy), about
 
 
 # --------------------------------------------------------------------------- registration
@@ -352,14 +428,15 @@ def register(subparsers) -> None:
     byo.add_argument("--data", metavar="URI", help="imagefolder://DIR (class folders, or train/ "
                                                    "val/ test/ of them) or imagefolder://FILE.csv")
     byo.add_argument("--input-size", metavar="C,H,W", help="input size (default: the backbone's)")
-    byo.add_argument("--workers", type=NON_NEGATIVE, default=2,
-                     help="DataLoader workers decoding images (0: in the main process)")
+    _add_workers(byo, "images")
     byo.add_argument("--resume", action="store_true",
                      help="continue OUT.partial (an interrupted run) after its last epoch")
     p.set_defaults(func=_train)
 
     p = subparsers.add_parser("export", help="export a checkpoint to per-stage ONNX graphs")
-    p.add_argument("--out", required=True, help="output directory (manifest.json, onnx/)")
+    p.add_argument("dir", nargs="?", metavar="RUN",
+                   help="output directory (manifest.json, onnx/), usually the run train wrote")
+    p.add_argument("--out", help="the same as RUN")
     p.add_argument("--checkpoint", help="checkpoint (default: OUT/checkpoint.safetensors)")
     p.set_defaults(func=_export)
 
@@ -376,15 +453,26 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="accuracy and latency per exit on a split")
     p.add_argument("dir", help="directory with manifest.json")
     _add_backend_options(p)
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--split", choices=("train", "val", "test"),
+                   help="split of the model's dataset (default test), or of --data (default: "
+                        "every image it holds)")
+    p.add_argument("--data", metavar="URI",
+                   help="evaluate on your labelled images instead: imagefolder://DIR (class "
+                        "folders) or imagefolder://FILE.csv / .jsonl, decoded with the model's "
+                        "own evaluation transform")
+    _add_workers(p, "--data images")
     p.add_argument("--passes", type=COUNT, default=3, help="timed passes over the split")
     p.add_argument("--out", help="write the report as JSON here (its folder must exist)")
     p.set_defaults(func=_eval)
 
-    p = subparsers.add_parser("run", help="run the model with early exits on an array file")
+    p = subparsers.add_parser("run", help="run the model with early exits on images or arrays")
     p.add_argument("dir", help="directory with manifest.json")
-    p.add_argument("--input", required=True,
-                   help=".npy (one input) or .npz (arrays named like the model inputs), float32")
+    p.add_argument("--input", required=True, nargs="+", metavar="INPUT",
+                   help="image files, folders of images (every image under them, by path) or "
+                        "imagefolder://DIR|FILE.csv (with each image's label), transformed as "
+                        "the model's evaluation data was (manifest: preprocessing); or one .npy "
+                        "(one input) / .npz (arrays named like the model inputs) of "
+                        "preprocessed float32 inputs")
     p.add_argument("--policy", help="thresholds (default), thresholds:T0,T1,..., fixed:K, all, "
                                     "deadline:MS")
     p.add_argument("--output", help="write JSON lines here instead of stdout (its folder must "
@@ -392,5 +480,6 @@ def register(subparsers) -> None:
     p.add_argument("--chunk", type=COUNT, default=DEFAULT_CHUNK,
                    help=f"samples per executor run (default {DEFAULT_CHUNK}): large inputs run "
                         f"in chunks, so memory stays flat")
+    _add_workers(p, "images")
     _add_backend_options(p)
     p.set_defaults(func=_run)

@@ -220,15 +220,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def load_weights_into(module: "torch.nn.Module", path: str | os.PathLike) -> None:
-    """Loads the weights file ``path`` into ``module``, all of them or nothing.
-
-    Raises:
-        ArtifactError: Missing or unexpected keys, or a shape that differs (the message names
-            the first few), i.e. weights of another architecture.
-    """
-    state = read_state_dict(path)
-    own = module.state_dict()
+def state_mismatches(own: dict[str, Any], state: dict[str, Any]) -> str:
+    """What keeps ``state`` from loading into a module whose state dict is ``own``: missing and
+    unexpected keys and shape mismatches, the first few of each, on one line ("" when none)."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -239,7 +233,22 @@ def load_weights_into(module: "torch.nn.Module", path: str | os.PathLike) -> Non
         if items:
             problems.append(f"{len(items)} {label} ({', '.join(items[:3])}"
                             f"{', ...' if len(items) > 3 else ''})")
+    return "; ".join(problems)
+
+
+def load_weights_into(module: "torch.nn.Module", path: str | os.PathLike,
+                      state: dict[str, Any] | None = None, hint: str = "") -> None:
+    """Loads the weights file ``path`` (or its already read ``state``) into ``module``, all of
+    them or nothing.
+
+    Raises:
+        ArtifactError: Missing or unexpected keys, or a shape that differs (the message names
+            the first few, then ``hint`` or a question about the architecture), i.e. weights of
+            another architecture.
+    """
+    state = read_state_dict(path) if state is None else state
+    problems = state_mismatches(module.state_dict(), state)
     if problems:
-        raise ArtifactError(f"{path} does not fit {type(module).__name__}: {'; '.join(problems)}; "
-                            f"is it a checkpoint of another architecture or class count?")
+        hint = hint or "is it a checkpoint of another architecture or class count?"
+        raise ArtifactError(f"{path} does not fit {type(module).__name__}: {problems}; {hint}")
     module.load_state_dict(state, strict=True)

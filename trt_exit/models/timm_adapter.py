@@ -15,8 +15,10 @@ What the exits read depends on the family: token maps (B, N, C) for the ViT fami
 own :class:`~trt_exit.models.exits.ExitContext` (measured by one dry run at attach time).
 
 Rebuilding: the checkpoint records the timm name and every creation argument as given to
-:func:`create_timm_model`. A model created elsewhere (``timm.create_model`` directly) has its
-arguments derived from its modules where that is possible; either way :func:`attach_exits`
+:func:`create_timm_model` (with what it read off a weights file, :mod:`.timm_weights`). A model
+created elsewhere (``timm.create_model`` directly) has its arguments read back from its modules
+(:mod:`.timm_args`: sizes, norms, activation, pooling, tokens, layer scale of the ViT, EVA and
+BEiT families, the CNNs' activation and pooling); either way :func:`attach_exits`
 rebuilds the model from what it recorded, loads the weights and compares outputs with the
 original on a fixed input, and refuses (ConfigError) when the rebuild differs, so a checkpoint
 never silently rebuilds another model (e.g. ``act_layer='quick_gelu'`` coming back as GELU).
@@ -398,6 +400,12 @@ def create_timm_model(model_name: str, checkpoint: str | os.PathLike | None = No
     """``timm.create_model(model_name, pretrained=False, **kwargs)``, with the name and every
     argument recorded on the model so that a checkpoint rebuilds exactly this model.
 
+    With ``checkpoint``, what the file fixes and ``kwargs`` leave open (class count, input
+    channels, patch size, image size) is read off the file, and position tables made for another
+    grid than a given ``img_size`` are resampled as timm does (see
+    :mod:`trt_exit.models.timm_weights`); both are recorded with the creation arguments under
+    ``"weights"``.
+
     Args:
         model_name: A timm model name (``timm.list_models()``).
         checkpoint: Pretrained weights to load: a ``.safetensors`` file or a PyTorch state dict
@@ -405,6 +413,8 @@ def create_timm_model(model_name: str, checkpoint: str | os.PathLike | None = No
             :func:`trt_exit.models.checkpoint.load_weights_into`.
         **kwargs: timm creation arguments (JSON values: ``act_layer='quick_gelu'``, not a class).
     """
+    from trt_exit.models import timm_weights
+
     timm = _timm()
     kwargs = _check_kwargs(kwargs)
     if not timm.is_model(model_name):
@@ -412,44 +422,40 @@ def create_timm_model(model_name: str, checkpoint: str | os.PathLike | None = No
         raise ConfigError(f"{model_name!r} is not a timm model name"
                           + (f"; similar names: {', '.join(close)}" if close else
                              "; see timm.list_models()"))
-    try:
-        model = timm.create_model(model_name, pretrained=False, **kwargs)
-    except (TypeError, ValueError, KeyError, AssertionError, RuntimeError) as exc:
-        raise ConfigError(f"timm could not create {model_name!r} with {kwargs}: "
-                          f"{type(exc).__name__}: {exc}") from exc
-    setattr(model, CREATE_ARGS_ATTR, {"model_name": model_name, "kwargs": kwargs})
+    state, inferred = None, {}
     if checkpoint is not None:
+        from trt_exit.models.checkpoint import read_state_dict
+
+        state = read_state_dict(checkpoint)
+        probe = _create(timm, model_name, kwargs, timm_weights.probe_model)
+        inferred = timm_weights.infer_kwargs(probe, state, kwargs)
+    model = _create(timm, model_name, {**kwargs, **inferred}, _create_on_cpu)
+    record: dict[str, Any] = {"model_name": model_name, "kwargs": {**kwargs, **inferred}}
+    if state is not None:
+        from trt_exit.fileio import sha256_file
         from trt_exit.models.checkpoint import load_weights_into
 
-        load_weights_into(model, checkpoint)
+        resampled = timm_weights.resample_position_tables(model, state)
+        load_weights_into(model, checkpoint, state,
+                          hint=timm_weights.architecture_hint(model, state, kwargs))
+        record["weights"] = {"file": os.path.basename(checkpoint),
+                             "sha256": sha256_file(checkpoint),
+                             "inferred": inferred, "resampled": resampled}
+    setattr(model, CREATE_ARGS_ATTR, record)
     return model
 
 
-def _derived_kwargs(model: nn.Module) -> dict[str, Any]:
-    """Creation arguments read back from a model built without :func:`create_timm_model`.
+def _create_on_cpu(timm, model_name: str, kwargs: dict[str, Any]) -> nn.Module:
+    return timm.create_model(model_name, pretrained=False, **kwargs)
 
-    Only what the modules show (and only for plain ViTs beyond the class count); the rebuild
-    check in :func:`attach_exits` refuses a model these do not rebuild.
-    """
-    kwargs: dict[str, Any] = {"num_classes": int(model.num_classes)}
-    if type(model).__name__ != "VisionTransformer":
-        return kwargs
-    block = model.blocks[0]
-    kwargs.update({
-        "img_size": list(model.patch_embed.img_size),
-        "patch_size": list(model.patch_embed.patch_size),
-        "in_chans": model.patch_embed.proj.in_channels,
-        "embed_dim": model.embed_dim,
-        "depth": len(model.blocks),
-        "num_heads": block.attn.num_heads,
-        "mlp_ratio": block.mlp.fc1.out_features / model.embed_dim,
-        "qkv_bias": block.attn.qkv.bias is not None,
-        "global_pool": model.global_pool,
-        "class_token": model.cls_token is not None,
-        "no_embed_class": model.no_embed_class,
-        "reg_tokens": model.num_reg_tokens,
-    })
-    return kwargs
+
+def _create(timm, model_name: str, kwargs: dict[str, Any], create) -> nn.Module:
+    """``create(timm, model_name, kwargs)``; timm's errors for bad arguments as ConfigError."""
+    try:
+        return create(timm, model_name, kwargs)
+    except (TypeError, ValueError, KeyError, AssertionError, RuntimeError) as exc:
+        raise ConfigError(f"timm could not create {model_name!r} with {kwargs}: "
+                          f"{type(exc).__name__}: {' '.join(str(exc).split())}") from exc
 
 
 def recorded_create_args(model: nn.Module) -> dict[str, Any]:
@@ -462,7 +468,9 @@ def recorded_create_args(model: nn.Module) -> dict[str, Any]:
     if not name:
         raise ConfigError(f"{type(model).__name__} carries no timm architecture name; create it "
                           f"with trt_exit.models.timm_adapter.create_timm_model(name, **kwargs)")
-    return {"model_name": name, "kwargs": _derived_kwargs(model)}
+    from trt_exit.models.timm_args import derived_kwargs
+
+    return {"model_name": name, "kwargs": derived_kwargs(model, name)}
 
 
 @torch.no_grad()
@@ -474,15 +482,22 @@ def check_rebuild(model: nn.Module, create_args: dict[str, Any],
     hint = ("create the model with trt_exit.models.timm_adapter.create_timm_model(name, **kwargs) "
             "(or trt-exit train --timm NAME --timm-arg KEY=VALUE) so every creation argument "
             "is recorded")
+    from trt_exit.models.checkpoint import state_mismatches
+
     try:
         rebuilt = timm.create_model(create_args["model_name"], pretrained=False,
                                     **create_args["kwargs"])
-        rebuilt.load_state_dict(model.state_dict(), strict=True)
-        rebuilt.to(_device_of(model))
-    except Exception as exc:  # timm raises TypeError/RuntimeError/KeyError on bad args or keys
+    except Exception as exc:  # timm raises TypeError/ValueError/KeyError/... on bad arguments
         raise ConfigError(f"{create_args['model_name']} with {create_args['kwargs']} does not "
                           f"rebuild this model ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:300]}); {hint}") from exc
+                          f"{' '.join(str(exc).split())}); {hint}") from exc
+    state = model.state_dict()
+    mismatches = state_mismatches(rebuilt.state_dict(), state)
+    if mismatches:
+        raise ConfigError(f"{create_args['model_name']} with {create_args['kwargs']} does not "
+                          f"rebuild this model (its weights do not fit: {mismatches}); {hint}")
+    rebuilt.load_state_dict(state, strict=True)
+    rebuilt.to(_device_of(model))
     training = model.training
     model.eval()
     rebuilt.eval()
@@ -565,13 +580,9 @@ def attach_exits(
 
 
 def timm_preprocessing(model: nn.Module, input_size: Sequence[int]) -> dict[str, Any]:
-    """The manifest's preprocessing record, from timm's data config of ``model``."""
-    timm = _timm()
-    data = timm.data.resolve_data_config({"input_size": tuple(input_size)}, model=model)
-    return {"mean": [float(v) for v in data["mean"]], "std": [float(v) for v in data["std"]],
-            "input_size": list(data["input_size"]),
-            "interpolation": data.get("interpolation"), "crop_pct": data.get("crop_pct"),
-            "crop_mode": data.get("crop_mode"),
-            "formula": "x = (rgb / 255 - mean) / std", "layout": "NCHW float32",
-            "source": "timm.data.resolve_data_config of the model"}
+    """The manifest's preprocessing record: timm's data config of ``model`` and the whole
+    evaluation transform built from it (see
+    :func:`trt_exit.training.image_folder.eval_transform_record`)."""
+    from trt_exit.training.image_folder import data_config, eval_transform_record
 
+    return eval_transform_record(data_config(model, input_size))
