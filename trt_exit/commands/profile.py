@@ -51,7 +51,7 @@ def load_profile_inputs(manifest, source: str, samples: int, seed: int = 0):
             raise InputError(f"{path}: this model takes {[s.name for s in manifest.inputs]}; "
                              f"save them in one .npz by name")
         return {manifest.inputs[0].name: loaded[:samples]}, str(path)
-    return {name: loaded[name][:samples] for name in loaded.files}, str(path)
+    return {name: array[:samples] for name, array in loaded.items()}, str(path)
 
 
 def _profile(args: argparse.Namespace) -> int:
