@@ -217,8 +217,8 @@ def path_text_problem(text: str | os.PathLike) -> str | None:
                 f"have; use a shorter path")
     for part in raw.split(b"/"):
         if len(part) > NAME_MAX_BYTES:
-            return (f"its name {shown_path(os.fsdecode(part), 40)} is {len(part)} bytes long, "
-                    f"more than the {NAME_MAX_BYTES} a file name may have; use a shorter name")
+            return (f"a name in it is {len(part)} bytes long, more than the {NAME_MAX_BYTES} "
+                    f"a file name may have; use a shorter name")
     return None
 
 
@@ -239,7 +239,7 @@ def path_problem(exc: BaseException) -> str:
         return "the path holds characters this system's file names cannot"
     if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
         return (f"a name in the path is longer than {NAME_MAX_BYTES} bytes, or the path longer "
-                f"than {PATH_MAX_BYTES}; use a shorter one")
+                f"than {PATH_MAX_BYTES}")
     if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
         return "the path runs through a symlink loop"
     if isinstance(exc, OSError) and exc.strerror:
@@ -296,6 +296,9 @@ def check_input_file(path: str | os.PathLike, what: str = "input file") -> Path:
     """``path`` if it is a readable regular file; else an :class:`InputError` that says what it
     is instead (missing, a folder, a device)."""
     path = Path(path)
+    problem = path_text_problem(path)
+    if problem:
+        raise InputError(f"{what} {shown_path(path)}: {problem}")
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
@@ -509,6 +512,17 @@ def check_output_dir(folder: str | os.PathLike, what: str, create: bool = False)
         OutputError: It is missing (and not to be created), not a folder, or not writable.
     """
     folder = Path(folder)
+    problem = path_text_problem(folder)
+    if problem:
+        raise OutputError(f"{what} {shown_path(folder)}: {problem}")
+    try:
+        return _check_output_dir(folder, what, create)
+    except (OSError, ValueError) as exc:  # e.g. ELOOP, EACCES on a part of the path
+        raise OutputError(f"{what}: cannot use folder {shown_path(folder)} "
+                          f"({path_problem(exc)})") from None
+
+
+def _check_output_dir(folder: Path, what: str, create: bool) -> Path:
     if not folder.exists() and not folder.is_symlink():
         if not create:
             raise OutputError(f"{what}: folder {folder} does not exist; create it first "
@@ -569,9 +583,17 @@ def check_output_file(path: str | os.PathLike, what: str, models: Iterable[Any] 
             command's inputs, or its folder is missing or not writable.
     """
     path = Path(path).expanduser()
-    if path.is_dir():
+    problem = path_text_problem(path)
+    if problem:
+        raise OutputError(f"{what} {shown_path(path)}: {problem}")
+    try:
+        is_dir, exists, is_file = path.is_dir(), path.exists(), path.is_file()
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"{what} {shown_path(path)} cannot be used ({path_problem(exc)})"
+                          ) from None
+    if is_dir:
         raise OutputError(f"{what} {path} is a folder; name a file")
-    if path.exists() and not path.is_file():
+    if exists and not is_file:
         raise OutputError(f"{what} {path} is not a regular file (a device, pipe or socket); "
                           f"name a file")
     for model in models:

@@ -11,9 +11,12 @@ from pathlib import Path
 from trt_exit.commands.options import (
     COUNT,
     NON_NEGATIVE,
+    PATH,
     POSITIVE,
     SEED,
+    TEXT,
     THREADS,
+    URI,
     confidence_level,
     number,
 )
@@ -50,8 +53,9 @@ def _add_train_options(parser: argparse.ArgumentParser, recipe: str) -> None:
     group.add_argument("--lr", type=POSITIVE, help="peak learning rate")
     group.add_argument("--batch-size", type=COUNT)
     group.add_argument("--seed", type=SEED, default=0, help="seed of split, init and training (0)")
-    group.add_argument("--exits", help="early exits as BLOCK:TYPE,... (e.g. 2:mlp,4:slvit,6:mlp) "
-                                       "replacing the model's; TYPE is a registered exit family")
+    group.add_argument("--exits", type=TEXT,
+                       help="early exits as BLOCK:TYPE,... (e.g. 2:mlp,4:slvit,6:mlp) replacing "
+                            "the model's; TYPE is a registered exit family")
     group.add_argument("--threads", type=THREADS, help="torch threads for training")
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -177,17 +181,20 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from trt_exit.models.checkpoint import load_checkpoint, read_metadata
+    from trt_exit.manifest_schema import check_dataset_record
+    from trt_exit.models.checkpoint import EXTRA_KEY, load_checkpoint, read_metadata
     from trt_exit.workflow import CHECKPOINT_NAME, export_step, load_splits
 
     checkpoint = Path(args.checkpoint or Path(args.out) / CHECKPOINT_NAME)
     check_input_file(checkpoint, "checkpoint")
     check_output_dir(args.out, "--out", create=True)
     meta = read_metadata(checkpoint)
-    net = load_checkpoint(checkpoint)
     dataset = meta["extra"].get("dataset")
     if dataset is None:
         raise ConfigError(f"{checkpoint} records no dataset; it was not written by trt-exit train")
+    check_dataset_record(dataset, str(checkpoint), f"{EXTRA_KEY}.dataset",
+                         "checkpoint metadata", "train the checkpoint again (trt-exit train)")
+    net = load_checkpoint(checkpoint)
     splits = load_splits(dataset["name"], dataset["seed"], dataset.get("options"))
     manifest = export_step(net, args.out, splits, dataset, checkpoint=checkpoint)
     worst = manifest.parity["fp32"]["max_output_diff"]
@@ -316,7 +323,8 @@ def register(subparsers) -> None:
         description="Trains a multi-exit ViT on scikit-learn's digits, exports one ONNX graph "
                     "per stage, tunes exit thresholds on the validation split and reports "
                     "accuracy and batch-1 latency of every exit on the test split.")
-    p.add_argument("--out", required=True, help="output directory (report.json, manifest, ONNX)")
+    p.add_argument("--out", type=PATH, required=True,
+                   help="output directory (report.json, manifest, ONNX)")
     _add_train_options(p, f"the demo recipe: {DEMO_TRAIN.summary()}")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
                    help="stage runner backend (default: onnxruntime on the CPU); the report "
@@ -326,32 +334,36 @@ def register(subparsers) -> None:
     _add_floor_confidence(p)
     p.add_argument("--passes", type=COUNT, default=DemoConfig.latency_passes,
                    help=f"timed passes over the test split ({DemoConfig.latency_passes})")
-    p.add_argument("--checkpoint",
+    p.add_argument("--checkpoint", type=PATH,
                    help="evaluate this trained checkpoint instead of training (e.g. an earlier "
                         "demo's OUT/checkpoint.safetensors; same --seed)")
     p.set_defaults(func=_demo)
 
     p = subparsers.add_parser("train", help="train a multi-exit model, write a checkpoint")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--model", default="multi_exit_vit_digits", help="registered model config")
-    p.add_argument("--dataset", default="digits", help="registered dataset")
-    p.add_argument("--dataset-option", action="append", metavar="KEY=VALUE",
+    p.add_argument("--out", type=PATH, required=True, help="output directory")
+    p.add_argument("--model", type=TEXT, default="multi_exit_vit_digits",
+                   help="registered model config")
+    p.add_argument("--dataset", type=TEXT, default="digits", help="registered dataset")
+    p.add_argument("--dataset-option", type=TEXT, action="append", metavar="KEY=VALUE",
                    help="dataset loader option, repeatable (e.g. root=/data/disco for disco and "
                         "speech_commands)")
     _add_train_options(p, "the demo recipe for multi_exit_vit_digits, TrainConfig's defaults "
                           "otherwise; with --timm: classifier_wise, 10 epochs, lr 1e-3")
     byo = p.add_argument_group("your own model and images (see docs/byo.md)")
-    byo.add_argument("--timm", metavar="NAME", help="timm model name (e.g. deit_tiny_patch16_224, "
-                                                    "resnet18); replaces --model")
-    byo.add_argument("--timm-arg", action="append", metavar="KEY=VALUE",
+    byo.add_argument("--timm", type=TEXT, metavar="NAME",
+                     help="timm model name (e.g. deit_tiny_patch16_224, resnet18); replaces "
+                          "--model")
+    byo.add_argument("--timm-arg", type=TEXT, action="append", metavar="KEY=VALUE",
                      help="timm creation argument, repeatable, recorded in the checkpoint "
                           "(e.g. act_layer=quick_gelu, img_size=224)")
-    byo.add_argument("--checkpoint", metavar="PATH",
+    byo.add_argument("--checkpoint", type=PATH, metavar="PATH",
                      help="pretrained weights of the timm model: .safetensors or a PyTorch state "
                           "dict (loaded with weights_only=True); never downloaded")
-    byo.add_argument("--data", metavar="URI", help="imagefolder://DIR (class folders, or train/ "
-                                                   "val/ test/ of them) or imagefolder://FILE.csv")
-    byo.add_argument("--input-size", metavar="C,H,W", help="input size (default: the backbone's)")
+    byo.add_argument("--data", type=URI, metavar="URI",
+                     help="imagefolder://DIR (class folders, or train/ val/ test/ of them) or "
+                          "imagefolder://FILE.csv")
+    byo.add_argument("--input-size", type=TEXT, metavar="C,H,W",
+                     help="input size (default: the backbone's)")
     byo.add_argument("--workers", type=NON_NEGATIVE, default=2,
                      help="DataLoader workers decoding images (0: in the main process)")
     byo.add_argument("--resume", action="store_true",
@@ -359,12 +371,14 @@ def register(subparsers) -> None:
     p.set_defaults(func=_train)
 
     p = subparsers.add_parser("export", help="export a checkpoint to per-stage ONNX graphs")
-    p.add_argument("--out", required=True, help="output directory (manifest.json, onnx/)")
-    p.add_argument("--checkpoint", help="checkpoint (default: OUT/checkpoint.safetensors)")
+    p.add_argument("--out", type=PATH, required=True,
+                   help="output directory (manifest.json, onnx/)")
+    p.add_argument("--checkpoint", type=PATH,
+                   help="checkpoint (default: OUT/checkpoint.safetensors)")
     p.set_defaults(func=_export)
 
     p = subparsers.add_parser("tune", help="profile stages and tune exit thresholds")
-    p.add_argument("dir", help="directory with manifest.json")
+    p.add_argument("dir", type=PATH, help="directory with manifest.json")
     _add_backend_options(p)
     p.add_argument("--max-drop", type=number(0.0), default=None,
                    help="allowed loss vs. the final exit: accuracy points (default 0.5, at most "
@@ -374,21 +388,22 @@ def register(subparsers) -> None:
     p.set_defaults(func=_tune)
 
     p = subparsers.add_parser("eval", help="accuracy and latency per exit on a split")
-    p.add_argument("dir", help="directory with manifest.json")
+    p.add_argument("dir", type=PATH, help="directory with manifest.json")
     _add_backend_options(p)
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--passes", type=COUNT, default=3, help="timed passes over the split")
-    p.add_argument("--out", help="write the report as JSON here (its folder must exist)")
+    p.add_argument("--out", type=PATH, help="write the report as JSON here (its folder must exist)")
     p.set_defaults(func=_eval)
 
     p = subparsers.add_parser("run", help="run the model with early exits on an array file")
-    p.add_argument("dir", help="directory with manifest.json")
-    p.add_argument("--input", required=True,
+    p.add_argument("dir", type=PATH, help="directory with manifest.json")
+    p.add_argument("--input", type=PATH, required=True,
                    help=".npy (one input) or .npz (arrays named like the model inputs), float32")
-    p.add_argument("--policy", help="thresholds (default), thresholds:T0,T1,..., fixed:K, all, "
-                                    "deadline:MS")
-    p.add_argument("--output", help="write JSON lines here instead of stdout (its folder must "
-                                    "exist; written only when every sample has run)")
+    p.add_argument("--policy", type=TEXT,
+                   help="thresholds (default), thresholds:T0,T1,..., fixed:K, all, deadline:MS")
+    p.add_argument("--output", type=PATH,
+                   help="write JSON lines here instead of stdout (its folder must exist; "
+                        "written only when every sample has run)")
     p.add_argument("--chunk", type=COUNT, default=DEFAULT_CHUNK,
                    help=f"samples per executor run (default {DEFAULT_CHUNK}): large inputs run "
                         f"in chunks, so memory stays flat")

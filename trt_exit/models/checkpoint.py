@@ -122,9 +122,38 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if CONFIG_KEY not in metadata:
         raise ArtifactError(f"{path} is a safetensors file but not a trt_exit checkpoint "
                             f"(no {CONFIG_KEY!r} metadata)")
-    return {"config": json.loads(metadata[CONFIG_KEY]),
-            "extra": json.loads(metadata.get(EXTRA_KEY, "{}")),
-            "reference": json.loads(metadata[REFERENCE_KEY]) if REFERENCE_KEY in metadata else None}
+    reference = _metadata_object(path, metadata, REFERENCE_KEY)
+    if reference is not None and not isinstance(reference.get("outputs"), list):
+        raise ArtifactError(f"{path}: its {REFERENCE_KEY!r} metadata has no list of outputs; the "
+                            f"checkpoint is damaged: train it again (trt-exit train)")
+    return {"config": _metadata_object(path, metadata, CONFIG_KEY),
+            "extra": _metadata_object(path, metadata, EXTRA_KEY) or {},
+            "reference": reference}
+
+
+def _metadata_object(path: Path, metadata: dict[str, str], key: str) -> dict[str, Any] | None:
+    """The JSON object stored under ``key`` in a checkpoint's metadata (None when absent),
+    within the limits of :func:`trt_exit.manifest_schema.check_document`.
+
+    Raises:
+        ArtifactError: Not JSON, not an object, nested too deep, a number out of range.
+    """
+    from trt_exit.manifest_schema import check_document
+
+    if key not in metadata:
+        return None
+    advice = "the checkpoint is damaged or was not written by trt-exit: train it again"
+    try:
+        value = json.loads(metadata[key])
+    except (ValueError, RecursionError) as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ArtifactError(f"{path}: its {key!r} metadata is not valid JSON ({reason}); "
+                            f"{advice}") from None
+    if not isinstance(value, dict):
+        raise ArtifactError(f"{path}: its {key!r} metadata must be a JSON object, not "
+                            f"{type(value).__name__}; {advice}")
+    check_document(value, str(path), f"checkpoint metadata {key!r}", advice)
+    return value
 
 
 def load_checkpoint(path: str | os.PathLike) -> MultiExitModel:
@@ -141,7 +170,17 @@ def load_checkpoint(path: str | os.PathLike) -> MultiExitModel:
     from safetensors.torch import load_model
 
     metadata = read_metadata(path)
-    model = build_model(ModelConfig.from_dict(metadata["config"]))
+    try:
+        config = ModelConfig.from_dict(metadata["config"])
+        _check_size(path, config)
+        model = build_model(config)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, MemoryError,
+            RuntimeError) as exc:
+        # The config is the checkpoint's own, as untrusted as its weights: a value of the wrong
+        # type or size shows as one of these from the model's constructors (ConfigError too).
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise ArtifactError(f"{path}: its model config does not build a model ({reason}); the "
+                            f"checkpoint is damaged or from another trt-exit version") from exc
     try:
         load_model(model, str(path), strict=True)
     except Exception as exc:  # safetensors raises RuntimeError listing every key
@@ -162,6 +201,29 @@ def load_checkpoint(path: str | os.PathLike) -> MultiExitModel:
                 f"version? saved with torch {reference.get('torch')})")
         model.trained_reference = reference
     return model.eval()
+
+
+def _check_size(path: str | os.PathLike, config: ModelConfig) -> None:
+    """Refuses a config that builds a model much larger than the weights in the file, before
+    the model is built (a config with ``embed_dim: 10**9`` would otherwise exhaust memory): the
+    model is built on PyTorch's ``meta`` device first, which allocates nothing."""
+    import math
+
+    import torch
+    from safetensors import safe_open
+
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(config)
+    except NotImplementedError:  # an operation meta tensors lack: build it for real
+        return
+    needed = sum(t.numel() for t in skeleton.state_dict().values())
+    with safe_open(str(path), framework="pt") as handle:
+        stored = sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
+    if needed > 2 * stored + 1_000_000:
+        raise ArtifactError(f"{path}: its model config builds a model of {needed:,} values, but "
+                            f"the file holds {stored:,}: the config does not belong to these "
+                            f"weights (the checkpoint is damaged)")
 
 
 def _load_old_timm_layout(model: MultiExitModel, path: str | os.PathLike) -> bool:

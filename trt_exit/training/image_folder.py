@@ -42,6 +42,7 @@ import numpy as np
 
 from trt_exit import tensor_names as tn
 from trt_exit.errors import ConfigError, InputError, require
+from trt_exit.fileio import path_text_problem, shown_path
 from trt_exit.training.datasets import Dataset, register_dataset
 
 SCHEME = "imagefolder://"
@@ -151,10 +152,14 @@ def _read_table(path: Path) -> list[dict[str, str]]:
         else:
             with path.open(newline="") as handle:
                 rows = list(csv.DictReader(handle))
-    except (OSError, ValueError, csv.Error) as exc:
+    except (OSError, ValueError, RecursionError, csv.Error) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
     if not rows:
         raise ConfigError(f"{path} lists no images")
+    for number, row in enumerate(rows, start=2):
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path}:{number}: each line must be a JSON object with a 'path', "
+                              f"not {type(row).__name__}")
     return rows
 
 
@@ -223,6 +228,10 @@ def _find_in_table(path: Path, seed: int, val_fraction: float, test_fraction: fl
     extensions = _extensions()
     paths, values, splits = [], [], []
     for number, row in enumerate(rows, start=2):
+        problem = path_text_problem(str(row["path"]))
+        if problem:
+            raise ConfigError(f"{path}:{number}: the image path {shown_path(str(row['path']))} "
+                              f"cannot name a file: {problem}")
         image = (path.parent / str(row["path"])).resolve()
         if image.suffix.lower() not in extensions:
             raise ConfigError(f"{path}:{number}: {row['path']} is not an image "
