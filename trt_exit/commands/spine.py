@@ -248,7 +248,26 @@ def _eval(args: argparse.Namespace) -> int:
 
 def parse_policy(text: str | None, manifest):
     """A policy from its CLI spelling: ``thresholds``, ``thresholds:T0,T1,..``, ``fixed:K``,
-    ``all`` or ``deadline:MS``."""
+    ``all`` or ``deadline:MS``, checked against ``manifest`` (the number of exits, thresholds
+    in [0, 1], a latency profile for deadlines). The one reading of ``--policy`` for ``run``,
+    ``profile``, ``serve``, ``triton-repo`` and the Triton model itself.
+
+    Returns:
+        The policy, or None for the manifest's tuned thresholds.
+
+    Raises:
+        ConfigError: A spelling it does not know, or a policy this model cannot run.
+    """
+    policy = _policy_from_text(text, manifest)
+    if policy is not None:
+        try:
+            policy.validate(manifest.num_exits)
+        except ConfigError as exc:
+            raise ConfigError(f"--policy {text}: {exc}") from None
+    return policy
+
+
+def _policy_from_text(text: str | None, manifest):
     from trt_exit.runtime.policies import (
         AllExitsPolicy,
         DeadlinePolicy,
