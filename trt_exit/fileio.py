@@ -551,6 +551,27 @@ def _check_output_dir(folder: Path, what: str, create: bool) -> Path:
     return folder
 
 
+def check_folder_outside(folder: str | os.PathLike, model_root: str | os.PathLike,
+                         what: str, advice: str) -> Path:
+    """Refuses an output folder strictly inside a model directory (also through symlinks): a
+    model directory holds only its own files, and a copy or repository of the model inside it
+    would be copied along with it, or mistaken for its files.
+
+    Raises:
+        OutputError: It is inside.
+    """
+    folder, root = Path(folder), Path(model_root)
+    try:
+        resolved = folder.resolve()
+        inside = resolved != root.resolve() and resolved.is_relative_to(root.resolve())
+    except (OSError, RuntimeError):  # a symlink loop: the folder checks say so
+        return folder
+    if inside:
+        raise OutputError(f"{what} {folder} is inside the model directory {root}; {advice} "
+                          f"(a model directory holds only its own files)")
+    return folder
+
+
 def _read_only_fs(folder: Path) -> bool:
     try:
         return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)

@@ -357,7 +357,9 @@ class Manifest:
             self.root = Path(root)
             self._base = None
         ours = self.to_dict()
-        json_text(ours)  # NaN / Infinity: refused before anything is touched
+        # Refused before anything is touched: NaN / Infinity, and whatever load would refuse
+        # (checked as JSON reads it back: tuples become lists).
+        check_manifest_data(json.loads(json_text(ours)), f"{self.path} (not written)")
         with manifest_lock(self.root):
             remove_stale_temporaries(self.root)
             merged = ours

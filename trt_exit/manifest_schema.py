@@ -54,6 +54,8 @@ MAX_MANIFEST_BYTES = 32 * 2**20
 MAX_INT = 2**63 - 1
 #: The largest image side (height or width) of an input or a preprocessing size.
 MAX_IMAGE_SIDE = 8192
+#: The most channels of an image (RGB 3; multispectral images have a dozen or more).
+MAX_CHANNELS = 64
 #: The most elements one sample of one tensor may have (4 GiB of float32).
 MAX_SAMPLE_ELEMENTS = 2**30
 #: The most classes / output values of a model.
@@ -528,22 +530,22 @@ def _full_model(check: _Checker, value: Any, field: str, data: dict) -> None:
 
 
 def _mean_std(check: _Checker, value: Any, field: str, positive: bool) -> None:
-    """A per-channel mean or std: one number or a list of one per channel (1 to 4)."""
+    """A per-channel mean or std: one number or a list of one per channel."""
     values = value if isinstance(value, list) else [value]
-    if isinstance(value, list) and not 1 <= len(value) <= 4:
-        check.fail(field, f"must be a number or a list of 1 to 4 (one per channel), not "
-                          f"{len(value)} numbers")
+    if isinstance(value, list) and not 1 <= len(value) <= MAX_CHANNELS:
+        check.fail(field, f"must be a number or a list of 1 to {MAX_CHANNELS} (one per "
+                          f"channel), not {len(value)} numbers")
     for i, v in enumerate(values):
         where = f"{field}[{i}]" if isinstance(value, list) else field
         check.number(v, where, 0.0 if positive else -1e6, 1e6, above=positive)
 
 
 def _size(check: _Checker, value: Any, field: str, channels: bool) -> None:
-    """``[H, W]`` or, with ``channels``, ``[C, H, W]`` (C 1 to 4): image sides in
-    [1, MAX_IMAGE_SIDE]."""
+    """``[H, W]`` or, with ``channels``, ``[C, H, W]``: image sides in [1, MAX_IMAGE_SIDE],
+    channels in [1, MAX_CHANNELS]."""
     sizes = check.list(value, field, length=3 if channels else 2)
     for i, size in enumerate(sizes):
-        limit = 4 if channels and i == 0 else MAX_IMAGE_SIDE
+        limit = MAX_CHANNELS if channels and i == 0 else MAX_IMAGE_SIDE
         check.int(size, f"{field}[{i}]", 1, limit)
 
 
@@ -591,7 +593,7 @@ PREPROCESSING_FIELDS: dict[str, Callable[[_Checker, Any, str], None]] = {
     "std": lambda c, v, f: _mean_std(c, v, f, positive=True),
     "input_size": lambda c, v, f: _size(c, v, f, channels=True),
     "interpolation": lambda c, v, f: c.str(v, f, 40),
-    "crop_pct": lambda c, v, f: c.number(v, f, 0.1, 1.0),
+    "crop_pct": lambda c, v, f: c.number(v, f, 0.1, 2.0),  # timm's go up to 1.15
     "crop_mode": lambda c, v, f: c.choice(v, f, ("center", "squash", "border")),
     "color": lambda c, v, f: c.choice(v, f, ("RGB", "BGR")),
     "image": _image_spec,

@@ -73,3 +73,13 @@ def test_a_good_repository_is_still_written(model, tmp_path, capsys):
     assert status == 0, err
     config = (tmp_path / "repo" / "tiny-v1.2" / "config.pbtxt").read_text()
     assert 'string_value: "thresholds:0.5,off"' in config
+
+
+@pytest.mark.parametrize("inside", ["engines/copy", "onnx", "copy"])
+def test_build_out_is_never_inside_the_model_either(model, inside, capsys, monkeypatch):
+    import trt_exit.build.builder as builder
+
+    monkeypatch.setattr(builder, "require_tensorrt", lambda purpose: None)  # reach the check
+    assert_refused(capsys, ["build", model, "--out", model / inside],
+                   "inside the model directory", model)
+    assert not (model / "engines" / "copy").exists() and not (model / "copy").exists()

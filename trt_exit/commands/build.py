@@ -97,8 +97,10 @@ def _build(args: argparse.Namespace) -> int:
     require_tensorrt("trt-exit build")  # before reading anything: the clearest first error
     manifest = _manifest(args.dir)
     if args.out:
-        from trt_exit.fileio import check_output_dir
+        from trt_exit.fileio import check_folder_outside, check_output_dir
 
+        check_folder_outside(args.out, manifest.root, "--out",
+                             "copy the model outside it, or build in place (without --out)")
         check_output_dir(args.out, "--out", create=True)
         manifest = deploy_copy(manifest, args.out)
     _writable(manifest, "build")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trt_exit.errors import ConfigError
-from trt_exit.fileio import check_output_dir
+from trt_exit.fileio import check_folder_outside, check_output_dir
 from trt_exit.manifest import MANIFEST_NAME, Manifest
 from trt_exit.serving.model_io import (
     TensorIO,
@@ -186,8 +186,8 @@ def write_repository(config: RepositoryConfig) -> Path:
     model name) before anything is written.
 
     Raises:
-        ConfigError: ``out`` exists or lies inside the model directory, or an option is
-            invalid.
+        ConfigError: ``out`` exists, or an option is invalid.
+        OutputError: ``out`` lies inside the model directory.
         ArtifactError / ManifestError: A model file is missing or does not match its hash.
     """
     from trt_exit.commands.spine import parse_policy
@@ -198,10 +198,7 @@ def write_repository(config: RepositoryConfig) -> Path:
         raise ConfigError(f"{out} already exists; choose a new --out directory (the "
                           f"repository is written whole)")
     check_output_dir(out.parent, "--out")  # exists and is writable; not created silently
-    root = manifest.root.resolve()
-    if out.parent.resolve() == root or out.parent.resolve().is_relative_to(root):
-        raise ConfigError(f"--out {out} is inside the model directory {root}; write the "
-                          f"repository outside it (a model directory holds only its own files)")
+    check_folder_outside(out, manifest.root, "--out", "write the repository outside it")
     parse_policy(config.policy, manifest)  # the model runs it: refused here, not at load
     name = served_model_name(manifest, config.model_name)
     max_batch = resolve_max_batch(manifest, config.backend, config.precision, config.max_batch)
