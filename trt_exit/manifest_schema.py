@@ -323,13 +323,19 @@ def _tensor(check: _Checker, value: Any, field: str) -> None:
     check.choice(value.get("dtype", "float32"), f"{field}.dtype", DTYPES)
 
 
-def _tensors(check: _Checker, value: Any, field: str) -> None:
+def _named_entries(check: _Checker, value: Any, field: str,
+                   entry: Callable[[_Checker, Any, str], None]) -> None:
+    """A non-empty list of entries with a ``name`` each, checked by ``entry``, no name twice."""
     names = set()
-    for i, tensor in enumerate(check.list(value, field, nonempty=True)):
-        _tensor(check, tensor, f"{field}[{i}]")
-        if tensor["name"] in names:
-            check.fail(f"{field}[{i}].name", f"repeats {tensor['name']!r}")
-        names.add(tensor["name"])
+    for i, item in enumerate(check.list(value, field, nonempty=True)):
+        entry(check, item, f"{field}[{i}]")
+        if item["name"] in names:
+            check.fail(f"{field}[{i}].name", f"repeats {item['name']!r}")
+        names.add(item["name"])
+
+
+def _tensors(check: _Checker, value: Any, field: str) -> None:
+    _named_entries(check, value, field, _tensor)
 
 
 def _graphs(check: _Checker, value: Any, field: str) -> None:
@@ -482,12 +488,7 @@ def _stage(check: _Checker, value: Any, field: str) -> None:
 
 
 def _stages(check: _Checker, value: Any, field: str, data: dict) -> None:
-    names = set()
-    for i, stage in enumerate(check.list(value, field, nonempty=True)):
-        _stage(check, stage, f"{field}[{i}]")
-        if stage["name"] in names:
-            check.fail(f"{field}[{i}].name", f"repeats {stage['name']!r}")
-        names.add(stage["name"])
+    _named_entries(check, value, field, _stage)
 
 
 def _exit(check: _Checker, value: Any, field: str, position: int) -> None:

@@ -5,7 +5,6 @@ reads a manifest refuses a bad one at once, in one line naming the field."""
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from trt_exit.errors import ManifestError
 from trt_exit.manifest import MANIFEST_NAME, Manifest
 from trt_exit.manifest_schema import MAX_MANIFEST_BYTES
 
-from .conftest import assert_refused, cli, snapshot
+from .conftest import assert_refused, cli, damage, snapshot
 
 DEEP = "[" * 600 + "]" * 600
 
@@ -185,17 +184,6 @@ ODD = st.one_of(
                      "x" * 300]))
 
 
-def _paths(data, path=()):
-    if isinstance(data, dict):
-        for key, value in data.items():
-            yield from _paths(value, path + (key,))
-    elif isinstance(data, list):
-        for i, value in enumerate(data):
-            yield from _paths(value, path + (i,))
-    if path:
-        yield path
-
-
 @pytest.fixture(scope="module")
 def valid_manifest(tiny_tuned):
     data = json.loads((tiny_tuned / MANIFEST_NAME).read_text())
@@ -210,23 +198,7 @@ def test_any_damaged_manifest_is_exit_0_or_one_line(valid_manifest, model, sampl
                                                     data):
     """What a careless or hostile edit can do to a manifest, through the commands that read
     one: they run (0) or refuse in one line (2), never a traceback."""
-    damaged = copy.deepcopy(valid_manifest)
-    for _ in range(data.draw(st.integers(1, 3))):
-        # a section first, then a field in it: every section gets its share (stages are most
-        # of the document's fields)
-        section = data.draw(st.sampled_from(sorted(damaged)))
-        path = data.draw(st.sampled_from([(section,), *((section, *p) for p in
-                                                        _paths(damaged[section]))]))
-        node = damaged
-        try:
-            for key in path[:-1]:
-                node = node[key]
-            if data.draw(st.booleans()) and isinstance(node, dict):
-                node.pop(path[-1], None)
-            else:
-                node[path[-1]] = data.draw(ODD)
-        except (KeyError, IndexError, TypeError):
-            continue  # an earlier change removed the branch
+    damaged = damage(valid_manifest, data, ODD)
     text = (json.dumps(damaged).replace('"__INF__"', "1e400")
             .replace('"__DEEP__"', DEEP).replace('"__BIG__"', "9" * 30))
     (model / MANIFEST_NAME).write_text(text)

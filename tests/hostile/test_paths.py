@@ -11,25 +11,18 @@ import json
 
 import pytest
 
-from trt_exit.cli import build_parser, error_message
+from trt_exit.cli import error_message
 from trt_exit.commands.options import PATH, TEXT, URI
 from trt_exit.errors import ManifestError
 from trt_exit.manifest import MANIFEST_NAME, Manifest
 
-from .conftest import assert_refused, snapshot
+from .conftest import assert_refused, snapshot, subcommands
 
 LONG_NAME = "n" * 300
 
 
-def _subcommands():
-    parser = build_parser()
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            yield from action.choices.items()
-
-
 def _text_options():
-    for name, sub in _subcommands():
+    for name, sub in subcommands():
         for action in sub._actions:
             if action.nargs == 0 or action.choices or isinstance(action, argparse._HelpAction):
                 continue
