@@ -461,6 +461,61 @@ def check_dataset_record(value: Any, where: str, field: str = "dataset",
     return value
 
 
+def check_model_config(value: Any, where: str, field: str = "model_config",
+                       what: str = "checkpoint metadata", advice: str | None = None) -> dict:
+    """The fields of a checkpoint's model config that export copies into the manifest (name,
+    task, outputs, class names, preprocessing), checked as the manifest's; the rest is the
+    model's constructors' to check.
+
+    Raises:
+        ManifestError: Naming the field.
+    """
+    check = _checker(where, what, advice)
+    config = check.dict(value, field)
+    check_model_name(check, config.get("name"), f"{field}.name")
+    check.choice(config.get("task", "classification"), f"{field}.task", TASKS)
+    if "num_outputs" in config:
+        check.int(config["num_outputs"], f"{field}.num_outputs", 1, MAX_OUTPUTS)
+    if config.get("class_names") is not None:
+        for i, name in enumerate(check.list(config["class_names"], f"{field}.class_names")):
+            check.str(name, f"{field}.class_names[{i}]", 1000)
+    for key in ("backbone_options", "preprocessing"):
+        check.dict(config.get(key, {}), f"{field}.{key}")
+    check_preprocessing_fields(check, config.get("preprocessing", {}), f"{field}.preprocessing")
+    exits = check.list(config.get("exits", []), f"{field}.exits")
+    if len(exits) > MAX_DEPTH_BLOCKS:
+        check.fail(f"{field}.exits", f"must have at most {MAX_DEPTH_BLOCKS} exits")
+    for i, spec in enumerate(exits):
+        check.dict(spec, f"{field}.exits[{i}]")
+    _block_counts(check, config.get("backbone_options", {}), f"{field}.backbone_options")
+    return config
+
+
+#: The most blocks a backbone's config may ask for: every block is Python objects even on
+#: PyTorch's meta device, so a depth of 2^31 exhausts memory before any size check can run.
+MAX_DEPTH_BLOCKS = 1000
+
+
+def _block_counts(check: _Checker, options: dict, field: str) -> None:
+    """``depth`` / ``depths`` options anywhere in a backbone's options (timm's creation
+    arguments included) within :data:`MAX_DEPTH_BLOCKS` blocks in all."""
+    stack = [(options, field)]
+    while stack:
+        node, where = stack.pop()
+        for key, value in node.items():
+            if key in ("depth", "depths", "num_blocks", "layers"):
+                counts = value if isinstance(value, list) else [value]
+                total = 0
+                for i, count in enumerate(counts):
+                    total += check.int(count, f"{where}.{key}" + (f"[{i}]" if isinstance(
+                        value, list) else ""), 0, MAX_DEPTH_BLOCKS)
+                if total > MAX_DEPTH_BLOCKS:
+                    check.fail(f"{where}.{key}", f"asks for {total} blocks, more than "
+                                                 f"{MAX_DEPTH_BLOCKS}")
+            elif isinstance(value, dict):
+                stack.append((value, f"{where}.{key}"))
+
+
 def _inputs(check: _Checker, value: Any, field: str, data: dict) -> None:
     _tensors(check, value, field)
 

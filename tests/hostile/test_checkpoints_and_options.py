@@ -113,11 +113,24 @@ METADATA = [
     ("dataset without seed",
      lambda m: m.update({"trt_exit.extra": '{"dataset": {"name": "digits"}}'}),
      "trt_exit.extra.dataset lacks seed"),
-    ("config exits not objects", _config(exits=[5]), "its model config does not build a model"),
+    ("config exits not objects", _config(exits=[5]), "model_config.exits[0] must be an object"),
+    ("config exit options text", _config(exits=[{"after_block": 1, "type": "mlp", "options": "x"}]),
+     "its model config does not build a model"),
     ("config image size text", _backbone(img_size="x"),
      "its model config does not build a model"),
     ("config width 40000", _backbone(embed_dim=40000), "the file holds"),
     ("config width 10^9", _backbone(embed_dim=10**9), "does not build a model"),
+    ("config depth 2^31", _backbone(depth=2**31), "backbone_options.depth must be <= 1000"),
+    ("config no heads", _backbone(num_heads=0), "does not build a model"),
+    ("config preprocessing a list", _config(preprocessing=[1]),
+     "trt_exit.model_config.preprocessing must be an object"),
+    ("config name a path", _config(name="../x"), "is not a model name"),
+    ("config std zero", _config(preprocessing={"mean": 0.5, "std": 0}),
+     "preprocessing.std must be > 0"),
+    ("reference of text", lambda m: m.update({"trt_exit.reference": json.dumps(
+        {"outputs": [[["a"]]]})}), "output 0 is not an array of finite numbers"),
+    ("reference with null", lambda m: m.update({"trt_exit.reference": json.dumps(
+        {"outputs": [[[1.0, None]]]})}), "output 0 is not an array of finite numbers"),
 ]
 
 

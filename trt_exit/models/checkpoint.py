@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -122,13 +123,37 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if CONFIG_KEY not in metadata:
         raise ArtifactError(f"{path} is a safetensors file but not a trt_exit checkpoint "
                             f"(no {CONFIG_KEY!r} metadata)")
+    from trt_exit.manifest_schema import check_model_config
+
     reference = _metadata_object(path, metadata, REFERENCE_KEY)
-    if reference is not None and not isinstance(reference.get("outputs"), list):
-        raise ArtifactError(f"{path}: its {REFERENCE_KEY!r} metadata has no list of outputs; the "
-                            f"checkpoint is damaged: train it again (trt-exit train)")
-    return {"config": _metadata_object(path, metadata, CONFIG_KEY),
+    if reference is not None:
+        _check_reference(path, reference)
+    config = _metadata_object(path, metadata, CONFIG_KEY)
+    check_model_config(config, str(path), CONFIG_KEY, advice=_DAMAGED)
+    return {"config": config,
             "extra": _metadata_object(path, metadata, EXTRA_KEY) or {},
             "reference": reference}
+
+
+_DAMAGED = "the checkpoint is damaged or was not written by trt-exit: train it again"
+
+
+def _check_reference(path: Path, reference: dict[str, Any]) -> None:
+    """The reference outputs must be arrays of numbers (one per exit)."""
+    import numpy as np
+
+    outputs = reference.get("outputs")
+    if not isinstance(outputs, list):
+        raise ArtifactError(f"{path}: its {REFERENCE_KEY!r} metadata has no list of outputs; "
+                            f"{_DAMAGED}")
+    for k, output in enumerate(outputs):
+        try:
+            values = np.asarray(output, dtype=np.float64)  # null reads as NaN
+        except (TypeError, ValueError):
+            values = None
+        if values is None or not np.isfinite(values).all():
+            raise ArtifactError(f"{path}: its {REFERENCE_KEY!r} metadata: output {k} is not an "
+                                f"array of finite numbers; {_DAMAGED}")
 
 
 def _metadata_object(path: Path, metadata: dict[str, str], key: str) -> dict[str, Any] | None:
@@ -142,7 +167,7 @@ def _metadata_object(path: Path, metadata: dict[str, str], key: str) -> dict[str
 
     if key not in metadata:
         return None
-    advice = "the checkpoint is damaged or was not written by trt-exit: train it again"
+    advice = _DAMAGED
     try:
         value = json.loads(metadata[key])
     except (ValueError, RecursionError) as exc:
@@ -173,11 +198,14 @@ def load_checkpoint(path: str | os.PathLike) -> MultiExitModel:
     try:
         config = ModelConfig.from_dict(metadata["config"])
         _check_size(path, config)
-        model = build_model(config)
-    except (TypeError, ValueError, KeyError, AttributeError, IndexError, MemoryError,
-            RuntimeError) as exc:
+        with warnings.catch_warnings():  # torch's notes on odd sizes: the error says enough
+            warnings.simplefilter("ignore", UserWarning)
+            model = build_model(config)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, ArithmeticError,
+            AssertionError, MemoryError, RuntimeError) as exc:
         # The config is the checkpoint's own, as untrusted as its weights: a value of the wrong
-        # type or size shows as one of these from the model's constructors (ConfigError too).
+        # type or size shows as one of these from the model's constructors (ConfigError too;
+        # ArithmeticError: num_heads 0; AssertionError: timm's own checks of its arguments).
         reason = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise ArtifactError(f"{path}: its model config does not build a model ({reason}); the "
                             f"checkpoint is damaged or from another trt-exit version") from exc
@@ -213,7 +241,8 @@ def _check_size(path: str | os.PathLike, config: ModelConfig) -> None:
     from safetensors import safe_open
 
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Initializing zero-element tensors is a no-op"
             skeleton = build_model(config)
     except NotImplementedError:  # an operation meta tensors lack: build it for real
         return
