@@ -641,6 +641,21 @@ def _log_mel(check: _Checker, value: Any, field: str) -> None:
         check.fail(f"{field}.win_length", "must be <= n_fft")
 
 
+#: The most steps a recorded image transform may have (timm's have four).
+MAX_TRANSFORM_STEPS = 64
+
+
+def _eval_transform(check: _Checker, value: Any, field: str) -> None:
+    """``preprocessing.eval_transform``: the evaluation transform's steps as recorded by
+    :func:`trt_exit.training.image_folder.describe_transform` (``run`` compares them with the
+    transform timm builds). (Issue 20 item 17's check, kept here as one entry of the table.)"""
+    steps = check.list(value, field, nonempty=True)
+    if len(steps) > MAX_TRANSFORM_STEPS:
+        check.fail(field, f"must have at most {MAX_TRANSFORM_STEPS} steps, not {len(steps)}")
+    for i, step in enumerate(steps):
+        check.str(check.dict(step, f"{field}[{i}]").get("op"), f"{field}[{i}].op")
+
+
 #: Known fields of ``preprocessing`` (and of its ``image`` spec): name -> check(check, value,
 #: field). Fields not listed are kept and get the document-wide checks only.
 PREPROCESSING_FIELDS: dict[str, Callable[[_Checker, Any, str], None]] = {
@@ -654,6 +669,7 @@ PREPROCESSING_FIELDS: dict[str, Callable[[_Checker, Any, str], None]] = {
     "color": lambda c, v, f: c.choice(v, f, ("RGB", "BGR")),
     "image": _image_spec,
     "audio": _log_mel,
+    "eval_transform": _eval_transform,
 }
 
 
