@@ -22,6 +22,13 @@ def test_profile_refuses_a_batch_larger_than_its_inputs(model, tmp_path, batch, 
     assert not (tmp_path / "p" / "profile.json").exists()
 
 
+def test_profile_random_inputs_within_memory(model, tmp_path, capsys):
+    """`--inputs random --input-samples 1000000000` asked numpy for 477 GiB (a traceback)."""
+    assert_refused(capsys, ["profile", model, "--inputs", "random", "--input-samples",
+                            "1000000000", "--out", tmp_path / "p"], "would take 238.4 GiB",
+                   model, tmp_path)
+
+
 def test_profile_records_the_batch_that_ran(model, tmp_path, capsys):
     status, err = cli(capsys, "profile", model, "--batch", "360", "--out", tmp_path / "p",
                       "--samples", "2", "--stage-repeats", "2", "--warmup", "0")

@@ -14,6 +14,9 @@ from trt_exit.fileio import check_output_dir, check_output_file, load_arrays
 
 log = logging.getLogger(__name__)
 
+#: The most memory random profiling inputs may take (runs cycle through them).
+RANDOM_INPUTS_BYTES = 2**30
+
 
 def load_profile_inputs(manifest, source: str, samples: int, seed: int = 0):
     """Inputs to profile on: ``dataset`` (the test split the manifest's model was trained on;
@@ -38,6 +41,11 @@ def load_profile_inputs(manifest, source: str, samples: int, seed: int = 0):
                         "exit histogram does not reflect real data", manifest.path, exc)
             source = "random"
     if source == "random":
+        per_sample = sum(4 * int(np.prod(spec.shape[1:])) for spec in manifest.inputs)
+        if samples * per_sample > RANDOM_INPUTS_BYTES:
+            raise ConfigError(f"--input-samples {samples} random inputs would take "
+                              f"{samples * per_sample / 2**30:.1f} GiB; use at most "
+                              f"{RANDOM_INPUTS_BYTES // per_sample} (runs cycle through them)")
         rng = np.random.default_rng(seed)
         inputs = {spec.name: rng.standard_normal((samples, *spec.shape[1:])).astype(np.float32)
                   for spec in manifest.inputs}
