@@ -74,13 +74,33 @@ def main(argv: list[str] | None = None) -> int:
         if interrupted(exc):
             print(f"trt-exit {args.command}: interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED
-        if not isinstance(exc, TrtExitError):
+        message = error_message(exc)
+        if message is None:
             raise
-        print(f"trt-exit {args.command}: error: {exc}", file=sys.stderr)
+        print(f"trt-exit {args.command}: error: {message}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"trt-exit {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def error_message(exc: BaseException) -> str | None:
+    """The one-line message for an error the user can fix, or None for a bug (a traceback).
+
+    Errors trt_exit raises on purpose, and OS errors on a path that a command did not turn into
+    its own message (a name too long, a NUL byte, a full disk: see
+    :func:`trt_exit.fileio.os_error_message`). A message is always one line: a library's text
+    that a message quotes may span lines, which are joined.
+    """
+    if isinstance(exc, TrtExitError):
+        message = str(exc)
+    else:
+        from trt_exit.fileio import os_error_message
+
+        message = os_error_message(exc)
+        if message is None:
+            return None
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
 def interrupted(exc: BaseException) -> bool:

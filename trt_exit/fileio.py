@@ -24,6 +24,7 @@ import shutil
 import stat
 import tempfile
 import time
+import tokenize
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -174,22 +175,136 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+# --------------------------------------------------------------------------- path errors
+
+#: The longest file name (one path component), in bytes, that Linux file systems take
+#: (``NAME_MAX``: ext4, XFS, Btrfs, tmpfs, NFS).
+NAME_MAX_BYTES = 255
+#: The longest path the kernel takes, in bytes (``PATH_MAX`` less its terminating NUL).
+PATH_MAX_BYTES = 4095
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def shown_path(path: str | os.PathLike, limit: int = 100) -> str:
+    """``path`` for a one-line message: control characters escaped (a newline in a file name
+    must not break the line), the middle of a very long path left out."""
+    text = _CONTROL.sub(lambda m: repr(m.group())[1:-1], os.fspath(path) if not isinstance(
+        path, bytes) else os.fsdecode(path))
+    if len(text) > limit:
+        text = f"{text[: limit - 30]}...{text[-25:]} ({len(text)} characters)"
+    return text
+
+
+def path_text_problem(text: str | os.PathLike) -> str | None:
+    """Why ``text`` cannot name a file on this system (a NUL byte, a name over
+    :data:`NAME_MAX_BYTES`, a path over :data:`PATH_MAX_BYTES`, characters the file system
+    encoding cannot hold), or None; these are what the OS would refuse with a ``ValueError``
+    or ``ENAMETOOLONG``."""
+    text = os.fspath(text)
+    if isinstance(text, bytes):
+        raw = text
+    else:
+        if "\0" in text:
+            return "it contains a NUL byte, which no file name may hold"
+        try:
+            raw = os.fsencode(text)
+        except UnicodeEncodeError:
+            return "it holds characters this system's file names cannot (not valid UTF-8)"
+    if b"\0" in raw:
+        return "it contains a NUL byte, which no file name may hold"
+    if len(raw) > PATH_MAX_BYTES:
+        return (f"it is {len(raw)} bytes long, more than the {PATH_MAX_BYTES} a path may "
+                f"have; use a shorter path")
+    for part in raw.split(b"/"):
+        if len(part) > NAME_MAX_BYTES:
+            return (f"a name in it is {len(part)} bytes long, more than the {NAME_MAX_BYTES} "
+                    f"a file name may have; use a shorter name")
+    return None
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    """A library error's text for a one-line message: its first line, shortened."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def path_problem(exc: BaseException) -> str:
+    """A short, one-line description of the OS error ``exc`` raised for a path (for messages
+    that name the path themselves)."""
+    if isinstance(exc, ValueError):
+        if "null" in str(exc):
+            return "the path contains a NUL byte, which no file name may hold"
+        return _first_line(exc)
+    if isinstance(exc, UnicodeError):
+        return "the path holds characters this system's file names cannot"
+    if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
+        return (f"a name in the path is longer than {NAME_MAX_BYTES} bytes, or the path longer "
+                f"than {PATH_MAX_BYTES}")
+    if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+        return "the path runs through a symlink loop"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror[0].lower() + exc.strerror[1:]
+    return _first_line(exc)
+
+
+#: What to do about an OS error on a path, by errno (the rest: check the path).
+_PATH_ADVICE = {
+    errno.ENAMETOOLONG: "use a shorter name",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
+    errno.EISDIR: "it is a folder: name a file",
+    errno.EACCES: "check its permissions",
+    errno.EPERM: "check its permissions",
+    errno.EROFS: "the file system is read-only: choose a writable location",
+    errno.ENOSPC: "the disk is full: free some space",
+    errno.EDQUOT: "the disk quota is used up: free some space",
+    errno.ELOOP: "replace the symlink loop with a file or folder",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n)",
+}
+
+
+def os_error_message(exc: BaseException) -> str | None:
+    """The one-line error for an OS error on a path that a command did not turn into its own
+    message (the CLI's last resort: it names the path and says what to do), or None when
+    ``exc`` is not one: an ``OSError`` that names a file, a ``ValueError`` for a NUL byte in a
+    path, a ``UnicodeEncodeError`` for a file name the system cannot encode."""
+    if isinstance(exc, OSError) and exc.errno is not None and exc.filename is not None:
+        advice = _PATH_ADVICE.get(exc.errno, "check the path")
+        return f"cannot use {shown_path(exc.filename)}: {path_problem(exc)}; {advice}"
+    if isinstance(exc, ValueError) and str(exc) in ("embedded null byte",
+                                                    "embedded null character"):
+        return "a path contains a NUL byte, which no file name may hold; check the paths given"
+    if isinstance(exc, UnicodeEncodeError) and exc.reason == "surrogates not allowed":
+        return ("a file name is not valid UTF-8 and cannot be passed on; rename the file (or "
+                "folder) to a UTF-8 name")
+    return None
+
+
 # --------------------------------------------------------------------------- users' files
 
 _NPY_MAGIC = b"\x93NUMPY"
-_ZIP_MAGIC = b"PK\x03\x04"
+#: A zip archive starts with a file entry, or (empty) with its end record.
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+#: Longest .npy header read (numpy's own default ``max_header_size``); numpy's writer pads its
+#: headers to a few hundred bytes at most, so a longer one is a damaged or crafted file.
+NPY_MAX_HEADER = 10000
+#: Element kinds a model input may have: bool, signed and unsigned integers, floating point.
+_NUMBER_KINDS = "biuf"
 
 
 def check_input_file(path: str | os.PathLike, what: str = "input file") -> Path:
     """``path`` if it is a readable regular file; else an :class:`InputError` that says what it
     is instead (missing, a folder, a device)."""
     path = Path(path)
+    problem = path_text_problem(path)
+    if problem:
+        raise InputError(f"{what} {shown_path(path)}: {problem}")
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
         raise InputError(f"{what} {path} does not exist") from None
-    except OSError as exc:
-        raise InputError(f"{what} {path} cannot be read ({exc.strerror})") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{what} {path} cannot be read ({path_problem(exc)})") from None
     if stat.S_ISDIR(mode):
         raise InputError(f"{what} {path} is a folder; name a file")
     if not stat.S_ISREG(mode):
@@ -203,6 +318,57 @@ def check_input_file(path: str | os.PathLike, what: str = "input file") -> Path:
 def _pickled(what: str, path: Path) -> InputError:
     return InputError(f"{what} {path} is not a .npy or .npz array file of numbers: it holds "
                       f"Python objects (pickled data), which trt-exit never loads")
+
+
+def _damaged(what: str, path: Path, problem: str) -> InputError:
+    return InputError(f"{what} {path} is a damaged or truncated array file ({problem}); save "
+                      f"the arrays again with numpy.save / numpy.savez")
+
+
+def _npy_header(handle, what: str, path: Path) -> tuple[tuple[int, ...], bool, Any]:
+    """``(shape, fortran_order, dtype)`` from the .npy header at ``handle``'s position (left
+    after the header), after checking everything a reader relies on: a known format version, a
+    header numpy reads safely, a shape of non-negative sizes, an element type of numbers.
+
+    Raises:
+        InputError: What is wrong, in words (never numpy's multi-line text).
+    """
+    import numpy as np
+
+    fmt = np.lib.format
+    readers = {(1, 0): (fmt.read_array_header_1_0, 2), (2, 0): (fmt.read_array_header_2_0, 4)}
+    try:
+        version = fmt.read_magic(handle)
+    except ValueError as exc:
+        raise _damaged(what, path, _first_line(exc)) from None
+    if version not in readers:
+        raise InputError(f"{what} {path} uses .npy format version {version[0]}.{version[1]}, "
+                         f"which holds structured records; save plain arrays of numbers "
+                         f"(format 1.0 or 2.0) with numpy.save")
+    reader, length_bytes = readers[version]
+    start = handle.tell()
+    length = int.from_bytes(handle.read(length_bytes), "little")
+    if length > NPY_MAX_HEADER:
+        raise InputError(f"{what} {path} has a .npy header of {length} bytes, more than numpy "
+                         f"reads safely ({NPY_MAX_HEADER}): the file is damaged or crafted; "
+                         f"save the arrays again with numpy.save")
+    handle.seek(start)
+    try:
+        shape, fortran_order, dtype = reader(handle, max_header_size=NPY_MAX_HEADER)
+    except (ValueError, SyntaxError, RecursionError, MemoryError, tokenize.TokenError) as exc:
+        # numpy parses the header as a Python literal (tokenize and ast raise these)
+        raise _damaged(what, path, f"unreadable header: {_first_line(exc)}") from None
+    if any(dim < 0 for dim in shape):
+        raise _damaged(what, path, f"its header gives the negative size {tuple(shape)}")
+    if dtype.hasobject:
+        raise _pickled(what, path)
+    if dtype.kind not in _NUMBER_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise InputError(f"{what} {path} holds {dtype} values, not numbers; save the model's "
+                         f"inputs as arrays of numbers (float32)")
+    if not shape:
+        raise InputError(f"{what} {path} holds a single number (a 0-d array), not a batch of "
+                         f"samples; save an array shaped (N, ...) with N samples")
+    return tuple(shape), fortran_order, dtype
 
 
 class NpyRows:
@@ -237,69 +403,92 @@ class NpyRows:
         return values.reshape((count, *self.shape[1:]))
 
 
-def _npy_rows(path: Path) -> NpyRows | None:
-    """A lazy reader of ``path`` (a .npy of numbers in C order), or None to read it whole."""
+def _read_npy(handle, what: str, path: Path, size: int, lazy: bool):
+    """The array of the .npy in ``handle`` (``size`` bytes: the file, or the .npz member), or
+    :class:`NpyRows` over it (``lazy``: a C-order .npy file)."""
     import numpy as np
 
-    with open(path, "rb") as handle:
-        version = np.lib.format.read_magic(handle)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-        if read_header is None:
-            return None
-        shape, fortran_order, dtype = read_header(handle)
-        offset = handle.tell()
-    if fortran_order or dtype.hasobject or len(shape) < 1:
-        return None
+    shape, fortran_order, dtype = _npy_header(handle, what, path)
+    offset = handle.tell()
     expected = offset + int(math.prod(shape)) * dtype.itemsize
-    if path.stat().st_size < expected:
-        raise InputError(f"{path} is a damaged or truncated array file (it holds "
-                         f"{path.stat().st_size} bytes, its header promises {expected})")
-    return NpyRows(path, tuple(shape), dtype, offset)
+    if size < expected:
+        raise _damaged(what, path, f"it holds {size} bytes, its header promises {expected}")
+    if lazy and not fortran_order:
+        return NpyRows(path, shape, dtype, offset)
+    handle.seek(0)
+    try:
+        return np.lib.format.read_array(handle, allow_pickle=False,
+                                        max_header_size=NPY_MAX_HEADER)
+    except MemoryError:
+        raise InputError(f"{what} {path} holds an array of {expected / 2**30:.1f} GiB, more than "
+                         f"this machine can hold in memory; save it as one .npy (read in "
+                         f"chunks by trt-exit run) or split it") from None
+    except ValueError as exc:  # the data ends early
+        raise _damaged(what, path, _first_line(exc)) from None
+
+
+def _read_npz(path: Path, what: str) -> dict[str, Any]:
+    """Every array of an .npz archive by name (read in full, then the file is closed)."""
+    import zipfile
+    import zlib
+
+    arrays: dict[str, Any] = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.is_dir():
+                    continue
+                name = info.filename
+                if not name.endswith(".npy"):
+                    raise InputError(f"{what} {path} holds {name!r}, which is not an array (an "
+                                     f".npz holds only .npy members); save it with numpy.savez")
+                key = name[: -len(".npy")]
+                if key in arrays:
+                    raise InputError(f"{what} {path} holds two arrays named {key!r}; save it "
+                                     f"again with numpy.savez")
+                with archive.open(info) as member:
+                    arrays[key] = _read_npy(member, what, Path(f"{path}[{key}]"),
+                                            info.file_size, lazy=False)
+    except InputError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError,
+            OSError, ValueError) as exc:
+        # RuntimeError: an encrypted member; NotImplementedError: an unknown compression;
+        # ValueError: a member name that is not UTF-8, a bad seek in a damaged member.
+        raise InputError(f"{what} {path} is a damaged .npz archive ({_first_line(exc)}); save "
+                         f"the arrays again with numpy.savez") from None
+    if not arrays:
+        raise InputError(f"{what} {path} holds no arrays; save the inputs with numpy.savez")
+    return arrays
 
 
 def load_arrays(path: str | os.PathLike, what: str = "array file", lazy: bool = False) -> Any:
     """A user's array file: ``.npz`` -> ``{name: array}`` (read in full, file closed), ``.npy`` ->
-    one array. Never unpickles.
+    one array. Never unpickles; every array holds numbers and has at least one dimension.
 
     Args:
         lazy: ``.npy`` only: return :class:`NpyRows`, which reads rows from disk as they are
             sliced (for inputs larger than memory, run in chunks).
 
     Raises:
-        InputError: ``path`` is missing, not a regular file, or not an array file (the message
+        InputError: ``path`` is missing, not a regular file, or not an array file of numbers:
+            damaged, truncated, pickled objects, a 0-d array, a crafted header (the message
             starts with ``what``).
     """
-    import numpy as np
-
     path = check_input_file(path, what)
-    with open(path, "rb") as handle:
-        head = handle.read(len(_NPY_MAGIC))
-    if not (head.startswith(_NPY_MAGIC) or head.startswith(_ZIP_MAGIC)):
-        shown = "it is empty" if not head else f"it starts with {head!r}"
-        raise InputError(f"{what} {path} is not a .npy or .npz array file ({shown}); save arrays "
-                         f"with numpy.save / numpy.savez")
     try:
-        if lazy and head.startswith(_NPY_MAGIC):
-            rows = _npy_rows(path)
-            if rows is not None:
-                return rows
-        loaded = np.load(path, allow_pickle=False)
-    except ValueError as exc:
-        if "pickle" in str(exc):
-            raise _pickled(what, path) from exc
-        raise InputError(f"{what} {path} is a damaged or truncated array file ({exc})") from exc
-    except (OSError, EOFError) as exc:
-        raise InputError(f"{what} {path} is damaged or truncated ({exc})") from exc
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        try:
-            with loaded:
-                return {name: loaded[name] for name in loaded.files}
-        except ValueError as exc:
-            raise _pickled(what, path) from exc
-        except Exception as exc:  # zipfile.BadZipFile, zlib.error, EOFError: damaged archive
-            raise InputError(f"{what} {path} is a damaged .npz archive ({exc})") from exc
-    return loaded
+        with open(path, "rb") as handle:
+            head = handle.read(len(_NPY_MAGIC))
+            if head.startswith(_NPY_MAGIC):
+                handle.seek(0)
+                return _read_npy(handle, what, path, path.stat().st_size, lazy)
+    except OSError as exc:
+        raise InputError(f"{what} {path} cannot be read ({path_problem(exc)})") from None
+    if head.startswith(_ZIP_MAGIC):
+        return _read_npz(path, what)
+    shown = "it is empty" if not head else f"it starts with {head!r}"
+    raise InputError(f"{what} {path} is not a .npy or .npz array file ({shown}); save arrays "
+                     f"with numpy.save / numpy.savez")
 
 
 # --------------------------------------------------------------------------- outputs
@@ -323,6 +512,17 @@ def check_output_dir(folder: str | os.PathLike, what: str, create: bool = False)
         OutputError: It is missing (and not to be created), not a folder, or not writable.
     """
     folder = Path(folder)
+    problem = path_text_problem(folder)
+    if problem:
+        raise OutputError(f"{what} {shown_path(folder)}: {problem}")
+    try:
+        return _check_output_dir(folder, what, create)
+    except (OSError, ValueError) as exc:  # e.g. ELOOP, EACCES on a part of the path
+        raise OutputError(f"{what}: cannot use folder {shown_path(folder)} "
+                          f"({path_problem(exc)})") from None
+
+
+def _check_output_dir(folder: Path, what: str, create: bool) -> Path:
     if not folder.exists() and not folder.is_symlink():
         if not create:
             raise OutputError(f"{what}: folder {folder} does not exist; create it first "
@@ -348,6 +548,27 @@ def check_output_dir(folder: str | os.PathLike, what: str, create: bool = False)
     if reason:
         raise OutputError(f"{what}: cannot write in {folder} ({reason}); choose a writable "
                           f"location")
+    return folder
+
+
+def check_folder_outside(folder: str | os.PathLike, model_root: str | os.PathLike,
+                         what: str, advice: str) -> Path:
+    """Refuses an output folder strictly inside a model directory (also through symlinks): a
+    model directory holds only its own files, and a copy or repository of the model inside it
+    would be copied along with it, or mistaken for its files.
+
+    Raises:
+        OutputError: It is inside.
+    """
+    folder, root = Path(folder), Path(model_root)
+    try:
+        resolved = folder.resolve()
+        inside = resolved != root.resolve() and resolved.is_relative_to(root.resolve())
+    except (OSError, RuntimeError):  # a symlink loop: the folder checks say so
+        return folder
+    if inside:
+        raise OutputError(f"{what} {folder} is inside the model directory {root}; {advice} "
+                          f"(a model directory holds only its own files)")
     return folder
 
 
@@ -383,9 +604,17 @@ def check_output_file(path: str | os.PathLike, what: str, models: Iterable[Any] 
             command's inputs, or its folder is missing or not writable.
     """
     path = Path(path).expanduser()
-    if path.is_dir():
+    problem = path_text_problem(path)
+    if problem:
+        raise OutputError(f"{what} {shown_path(path)}: {problem}")
+    try:
+        is_dir, exists, is_file = path.is_dir(), path.exists(), path.is_file()
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"{what} {shown_path(path)} cannot be used ({path_problem(exc)})"
+                          ) from None
+    if is_dir:
         raise OutputError(f"{what} {path} is a folder; name a file")
-    if path.exists() and not path.is_file():
+    if exists and not is_file:
         raise OutputError(f"{what} {path} is not a regular file (a device, pipe or socket); "
                           f"name a file")
     for model in models:

@@ -26,8 +26,23 @@ from typing import Any, Iterable, Iterator
 
 from trt_exit import tensor_names as tn
 from trt_exit.errors import ArtifactError, ManifestError, OutputError
-from trt_exit.fileio import atomic_write_json, json_text, remove_stale_temporaries, sha256_file
-from trt_exit.manifest_schema import _Checker, check_manifest_data, check_relative_path, file_refs
+from trt_exit.fileio import (
+    atomic_write_json,
+    json_text,
+    path_problem,
+    path_text_problem,
+    remove_stale_temporaries,
+    sha256_file,
+    shown_path,
+)
+from trt_exit.manifest_schema import (
+    MAX_MANIFEST_BYTES,
+    _Checker,
+    check_document,
+    check_manifest_data,
+    check_relative_path,
+    file_refs,
+)
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -342,7 +357,9 @@ class Manifest:
             self.root = Path(root)
             self._base = None
         ours = self.to_dict()
-        json_text(ours)  # NaN / Infinity: refused before anything is touched
+        # Refused before anything is touched: NaN / Infinity, and whatever load would refuse
+        # (checked as JSON reads it back: tuples become lists).
+        check_manifest_data(json.loads(json_text(ours)), f"{self.path} (not written)")
         with manifest_lock(self.root):
             remove_stale_temporaries(self.root)
             merged = ours
@@ -410,9 +427,17 @@ class Manifest:
                 the manifest now (backends always check the files they load).
         """
         path = Path(path)
-        if path.is_dir():
-            path = path / MANIFEST_NAME
-        if not path.is_file():
+        problem = path_text_problem(path)
+        if problem:
+            raise ArtifactError(f"model directory {shown_path(path)}: {problem}")
+        try:
+            if path.is_dir():
+                path = path / MANIFEST_NAME
+            is_file = path.is_file()
+        except (OSError, ValueError) as exc:  # a part of the path cannot be read
+            raise ArtifactError(f"model directory {shown_path(path)} cannot be read "
+                                f"({path_problem(exc)})") from None
+        if not is_file:
             if path.is_symlink():
                 raise ArtifactError(f"{path} is a dangling symlink or a symlink loop; replace it "
                                     f"with the manifest file")
@@ -448,21 +473,31 @@ def _reject_constant(name: str) -> Any:
 
 
 def _read_json(path: Path, missing_ok: bool = False) -> Any:
-    """A manifest file's JSON (strict: no NaN / Infinity)."""
+    """A manifest file's JSON: strict (no NaN / Infinity; a number out of range such as 1e400,
+    which parses as infinity, is refused by the document-wide checks), at most
+    :data:`~trt_exit.manifest_schema.MAX_MANIFEST_BYTES`, within the document-wide limits
+    (:func:`~trt_exit.manifest_schema.check_document`: nesting depth, text, numbers)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
         if missing_ok:
             return None
         raise ArtifactError(f"no manifest at {path}; create one with trt-exit export") from None
-    except UnicodeDecodeError as exc:
-        raise ManifestError(f"{path}: not valid JSON ({exc}); re-export the model") from exc
     except OSError as exc:
-        raise ArtifactError(f"{path} cannot be read ({exc.strerror})") from exc
+        raise ArtifactError(f"{path} cannot be read ({path_problem(exc)})") from exc
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{path}: more than {MAX_MANIFEST_BYTES // 2**20} MiB; a manifest is "
+                            f"a few hundred KiB: the file is not a manifest or is damaged; "
+                            f"re-export the model")
     try:
-        return json.loads(text, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
-        raise ManifestError(f"{path}: not valid JSON ({exc}); re-export the model") from exc
+        text = raw.decode("utf-8")
+        data = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ManifestError(f"{path}: not valid JSON ({reason}); re-export the model") from exc
+    check_document(data, str(path))
+    return data
 
 
 @contextlib.contextmanager

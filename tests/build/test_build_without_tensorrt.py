@@ -266,7 +266,9 @@ def test_deploy_copy_is_a_complete_model_directory(with_engine, tmp_path):
     assert copy.stage("segment_0").engines == {}  # engines stay where they were built
     # A second copy keeps the engine records already in the output directory.
     key = "fp16-0123456789abcdef"
-    copy.stage("segment_0").engines[key] = {"precision": "fp16"}
+    copy.stage("segment_0").engines[key] = {
+        "precision": "fp16", "file": {"path": f"engines/segment_0.{key}.engine",
+                                      "sha256": "0" * 64, "bytes": 0}}
     copy.save()
     again = deploy_copy(manifest, out)
     assert key in again.stage("segment_0").engines

@@ -7,6 +7,7 @@ folders is hashed before and after).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import shutil
@@ -53,6 +54,53 @@ def assert_refused(capsys, args, message: str, *watched: Path) -> str:
     assert not usage, f"more than one error line: {err}"
     assert snapshot(*watched) == before, "a file changed"
     return lines[-1]
+
+
+def subcommands():
+    """``(name, parser)`` of every ``trt-exit`` subcommand."""
+    import argparse
+
+    from trt_exit.cli import build_parser
+
+    for action in build_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            yield from action.choices.items()
+
+
+def _fields(document, path=()):
+    """Every field's path in a JSON document (keys and list indices)."""
+    if isinstance(document, dict):
+        for key, value in document.items():
+            yield from _fields(value, path + (key,))
+    elif isinstance(document, list):
+        for i, value in enumerate(document):
+            yield from _fields(value, path + (i,))
+    if path:
+        yield path
+
+
+def damage(document: dict, data, values) -> dict:
+    """1 to 3 edits of a JSON document drawn with hypothesis's ``data``: a field removed, or
+    replaced by a value drawn from the strategy ``values``. A top-level section is drawn first,
+    then a field in it, so every section gets its share (stages are most of a manifest)."""
+    from hypothesis import strategies as st
+
+    document = copy.deepcopy(document)
+    for _ in range(data.draw(st.integers(1, 3))):
+        section = data.draw(st.sampled_from(sorted(document)))
+        path = data.draw(st.sampled_from([(section,), *((section, *p)
+                                                        for p in _fields(document[section]))]))
+        node = document
+        try:
+            for key in path[:-1]:
+                node = node[key]
+            if data.draw(st.booleans()) and isinstance(node, dict):
+                node.pop(path[-1], None)
+            else:
+                node[path[-1]] = data.draw(values)
+        except (KeyError, IndexError, TypeError):
+            continue  # an earlier edit removed the branch
+    return document
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ structure and types are checked on load with messages naming the field."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from pathlib import Path
@@ -16,7 +15,7 @@ from trt_exit.errors import ManifestError, TrtExitError
 from trt_exit.fileio import sha256_file
 from trt_exit.manifest import MANIFEST_NAME, Manifest
 
-from .conftest import assert_refused
+from .conftest import assert_refused, damage
 
 
 def _edit(model: Path, change) -> None:
@@ -159,16 +158,6 @@ def test_valid_json_of_the_wrong_kind(tmp_path, text, capsys):
 # ------------------------------------------------------------------ property-based
 
 
-def _leaves(data, path=()):
-    if isinstance(data, dict):
-        for key, value in data.items():
-            yield from _leaves(value, path + (key,))
-    elif isinstance(data, list):
-        for i, value in enumerate(data):
-            yield from _leaves(value, path + (i,))
-    yield path
-
-
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-5, 5) | st.floats(-2, 2)
                     | st.text(max_size=4), lambda inner: st.lists(inner, max_size=3)
                     | st.dictionaries(st.text(max_size=3), inner, max_size=3), max_leaves=5)
@@ -183,20 +172,7 @@ def valid_manifest(tiny_tuned):
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_damaged_manifests_give_manifest_errors_only(valid_manifest, tiny_tuned, data):
-    damaged = copy.deepcopy(valid_manifest)
-    paths = [p for p in _leaves(damaged) if p]
-    for _ in range(data.draw(st.integers(1, 3))):
-        path = data.draw(st.sampled_from(paths))
-        node = damaged
-        try:
-            for key in path[:-1]:
-                node = node[key]
-            if data.draw(st.booleans()) and isinstance(node, dict):
-                node.pop(path[-1], None)
-            else:
-                node[path[-1]] = data.draw(JSON)
-        except (KeyError, IndexError, TypeError):
-            continue  # an earlier change removed the branch
+    damaged = damage(valid_manifest, data, JSON)
     try:
         manifest = Manifest.from_dict(damaged, tiny_tuned)
         manifest.check_files_inside()

@@ -3,28 +3,19 @@ JSON file; ``--policy thresholds`` on an untuned model says to run ``trt-exit tu
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 
-from trt_exit.cli import build_parser
 from trt_exit.errors import OutputError
 from trt_exit.manifest import Manifest
 
-from .conftest import assert_refused, snapshot
-
-
-def _subcommands():
-    parser = build_parser()
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            yield from action.choices.items()
+from .conftest import assert_refused, snapshot, subcommands
 
 
 def test_no_command_has_an_unchecked_numeric_option():
     bare = [f"trt-exit {name} {'/'.join(a.option_strings)}"
-            for name, sub in _subcommands() for a in sub._actions if a.type in (int, float)]
+            for name, sub in subcommands() for a in sub._actions if a.type in (int, float)]
     assert not bare, f"numeric options without a range (use trt_exit.commands.options): {bare}"
 
 

@@ -210,7 +210,7 @@ def build_engines(manifest: Manifest, config: BuildConfig, progress: bool = True
     Returns:
         What was built and what was reused.
     """
-    from tqdm import tqdm
+    from trt_exit.progress import progress_bar
 
     jobs = build_jobs(manifest, config.precisions)
     target, device = current_target(config.device)
@@ -220,7 +220,8 @@ def build_engines(manifest: Manifest, config: BuildConfig, progress: bool = True
     timing_cache = cache_path.read_bytes() if cache_path.is_file() else None
     logger = make_logger()
     began = time.perf_counter()
-    bar = tqdm(jobs, desc="TensorRT engines", unit="engine", disable=not progress)
+    bar = progress_bar(jobs, desc="TensorRT engines", unit="engine", enabled=progress,
+                       lines=True)
     for job in bar:
         label = f"{job.name}.{job.precision}"
         bar.set_postfix_str(label)

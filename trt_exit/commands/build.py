@@ -103,15 +103,18 @@ def _build(args: argparse.Namespace) -> int:
     require_tensorrt("trt-exit build")  # before reading anything: the clearest first error
     manifest = _manifest(args.dir)
     if args.out:
-        from trt_exit.fileio import check_output_dir
+        from trt_exit.fileio import check_folder_outside, check_output_dir
 
+        check_folder_outside(args.out, manifest.root, "--out",
+                             "copy the model outside it, or build in place (without --out)")
         check_output_dir(args.out, "--out", create=True)
         manifest = deploy_copy(manifest, args.out)
     _writable(manifest, "build")
     config = BuildConfig(
         precisions=tuple(args.precision),
         profile=BatchProfile(args.min_batch, args.opt_batch, args.max_batch),
-        workspace_mib=args.workspace_mib, timing_cache=args.timing_cache,
+        workspace_mib=args.workspace_mib,
+        timing_cache=Path(args.timing_cache) if args.timing_cache else None,
         dla_core=args.dla_core, gpu_fallback=not args.no_gpu_fallback,
         version_compatible=args.version_compatible, optimization_level=args.optimization_level,
         rebuild=args.rebuild, device=args.device)
@@ -164,7 +167,15 @@ def _doctor(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Adds calibrate, precision, build and doctor."""
-    from trt_exit.commands.options import COUNT, NON_NEGATIVE, SEED, integer, number
+    from trt_exit.commands.options import (
+        COUNT,
+        NON_NEGATIVE,
+        PATH,
+        SEED,
+        URI,
+        integer,
+        number,
+    )
     from trt_exit.export.calibration import DEFAULT_SAMPLES
     from trt_exit.export.int8 import CALIBRATION_METHODS
 
@@ -173,14 +184,14 @@ def register(subparsers) -> None:
         description="Draws a calibration set from a split of the model's dataset (or reads one "
                     "from an .npz/.npy of preprocessed inputs) into DIR/calibration/ and "
                     "records its size and origin in the manifest.")
-    p.add_argument("dir", help="directory with manifest.json")
+    p.add_argument("dir", type=PATH, help="directory with manifest.json")
     p.add_argument("--split", default="train", choices=("train", "val", "test"),
                    help="dataset split to draw from (default: train; val tunes thresholds and "
                         "test measures accuracy)")
     p.add_argument("--size", type=COUNT, default=DEFAULT_SAMPLES,
                    help=f"samples (default {DEFAULT_SAMPLES}; at least 32)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the draw")
-    p.add_argument("--from", dest="source", metavar="FILE",
+    p.add_argument("--from", type=URI, dest="source", metavar="FILE",
                    help="use this .npz (arrays named like the model inputs) or .npy instead, or "
                         "imagefolder://DIR: a class-stratified sample of its images through the "
                         "model's own preprocessing")
@@ -192,7 +203,7 @@ def register(subparsers) -> None:
                     "FP32) and/or onnx/int8 (Q/DQ, TensorRT's explicit-quantization convention, "
                     "calibrated stage by stage on the calibration set) for every stage and the "
                     "baseline graph, and records them in the manifest.")
-    p.add_argument("dir", help="directory with manifest.json")
+    p.add_argument("dir", type=PATH, help="directory with manifest.json")
     p.add_argument("--precision", nargs="+", default=["fp16", "int8"], choices=("fp16", "int8"),
                    help="graphs to write (default: fp16 int8)")
     p.add_argument("--calibration-method", default="max", choices=CALIBRATION_METHODS,
@@ -210,9 +221,10 @@ def register(subparsers) -> None:
                     "Engines are cached by ONNX hash, TensorRT version, GPU, precision and "
                     "profile: an unchanged model is not rebuilt. Run it on the device that runs "
                     "the engines (they are not portable across GPUs or TensorRT versions).")
-    p.add_argument("dir", help="directory with manifest.json")
-    p.add_argument("--out", help="build into a copy of DIR here (e.g. engines/<model>): "
-                                 "manifest, ONNX graphs, calibration set, checkpoint, engines")
+    p.add_argument("dir", type=PATH, help="directory with manifest.json")
+    p.add_argument("--out", type=PATH,
+                   help="build into a copy of DIR here (e.g. engines/<model>): manifest, ONNX "
+                        "graphs, calibration set, checkpoint, engines")
     p.add_argument("--precision", nargs="+", default=["fp16"], choices=PRECISIONS,
                    help="engines to build (default: fp16); fp16/int8 need trt-exit precision")
     group = p.add_argument_group("batch profile")
@@ -220,7 +232,7 @@ def register(subparsers) -> None:
     group.add_argument("--opt-batch", type=COUNT, default=1, help="batch the kernels are tuned for")
     group.add_argument("--max-batch", type=COUNT, default=8)
     p.add_argument("--workspace-mib", type=COUNT, default=1024, help="tactic workspace limit (MiB)")
-    p.add_argument("--timing-cache", type=Path,
+    p.add_argument("--timing-cache", type=PATH,
                    help="timing cache file (default: DIR/engines/timing.<trt>-<gpu>.cache)")
     p.add_argument("--dla-core", type=NON_NEGATIVE,
                    help="build for this DLA core (Jetson AGX Orin/Orin NX)")
@@ -246,5 +258,5 @@ def register(subparsers) -> None:
     p.add_argument("--skip-self-test", action="store_true", help="only print the environment")
     p.add_argument("--precision", nargs="+", default=list(PRECISIONS), choices=PRECISIONS,
                    help="precisions to self-test (default: all)")
-    p.add_argument("--json", help="also write the report as JSON here")
+    p.add_argument("--json", type=PATH, help="also write the report as JSON here")
     p.set_defaults(func=_doctor)

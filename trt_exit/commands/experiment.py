@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from trt_exit.commands.options import COUNT, SEED, THREADS
+from trt_exit.commands.options import COUNT, PATH, SEED, TEXT, THREADS
 from trt_exit.errors import ConfigError
 
 AV_CROWD = "synthetic_av_crowd"
@@ -141,8 +141,9 @@ def register(subparsers) -> None:
                     f"{AV_CROWD}: the audiovisual crowd-counting experiment. With --dataset "
                     "digits_c (or --experiment pareto): the multi-exit model's operating points "
                     "against static models truncated to k blocks, accuracy vs latency and FLOPs.")
-    p.add_argument("--out", required=True, help="output directory (results.json, PNG plots)")
-    p.add_argument("--dataset", default="digits",
+    p.add_argument("--out", type=PATH, required=True,
+                   help="output directory (results.json, PNG plots)")
+    p.add_argument("--dataset", type=TEXT, default="digits",
                    help=f"digits (default) or {AV_CROWD}; digits_c, or a comma-separated list "
                         "with --experiment pareto: early exit vs static models")
     p.add_argument("--experiment", choices=EXPERIMENTS,
@@ -154,7 +155,8 @@ def register(subparsers) -> None:
                    help="seed of the split, the backbones and the grid's exit training")
     p.add_argument("--quick", action="store_true",
                    help="smoke-test size: tiny backbones, one or two epochs (numbers mean nothing)")
-    p.add_argument("--families", help="comma-separated subset of the exit families to run")
+    p.add_argument("--families", type=TEXT,
+                   help="comma-separated subset of the exit families to run")
     p.add_argument("--threads", type=THREADS, default=1,
                    help="torch threads (default 1: small models on shared cores)")
     p.add_argument("--progress", action="store_true", help="show training progress bars")

@@ -10,7 +10,7 @@ import sys
 import threading
 import urllib.parse
 
-from trt_exit.commands.options import COUNT, POSITIVE, THREADS, integer
+from trt_exit.commands.options import COUNT, PATH, POSITIVE, THREADS, URI, integer
 from trt_exit.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -223,16 +223,16 @@ def register(subparsers) -> None:
                "example: trt-exit count csi://0 jsonl://counts.jsonl --audio alsa://hw:1,0 "
                "--engines engines/av_crowd --backend tensorrt --precision fp16\n"
                "Ctrl-C (or SIGTERM) stops cleanly and prints a summary.")
-    p.add_argument("input", metavar="INPUT", help="video source URI (see below)")
-    p.add_argument("output", metavar="OUTPUT", nargs="*",
+    p.add_argument("input", type=URI, metavar="INPUT", help="video source URI (see below)")
+    p.add_argument("output", type=URI, metavar="OUTPUT", nargs="*",
                    help="one or more output URIs (default null://)")
-    p.add_argument("--audio", metavar="URI",
+    p.add_argument("--audio", type=URI, metavar="URI",
                    help="audio source URI (required for audiovisual models; none:// = silence)")
-    p.add_argument("--engines", required=True, metavar="DIR",
+    p.add_argument("--engines", type=PATH, required=True, metavar="DIR",
                    help="model directory with manifest.json (ONNX graphs for onnxruntime, "
                         "engines for tensorrt)")
     add_backend_options(p)
-    p.add_argument("--server", metavar="URL",
+    p.add_argument("--server", type=URI, metavar="URL",
                    help="run the model on a Triton server (trt-exit serve) instead of here: "
                         "grpc://HOST:8001 or http://HOST:8000 (optionally /MODEL_NAME); "
                         "--engines still gives the manifest (preprocessing)")
@@ -257,7 +257,7 @@ def register(subparsers) -> None:
     group = p.add_argument_group("run")
     group.add_argument("--max-frames", type=COUNT, help="stop after N frames")
     group.add_argument("--duration-s", type=POSITIVE, help="stop after S seconds")
-    group.add_argument("--summary", metavar="FILE",
+    group.add_argument("--summary", type=PATH, metavar="FILE",
                        help="write the run summary as JSON here (its folder must exist)")
     group.add_argument("--no-status", action="store_true", help="no live status line")
     p.set_defaults(func=_count)

@@ -8,11 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
-from trt_exit.commands.options import COUNT, NON_NEGATIVE, POSITIVE
+from trt_exit.commands.options import COUNT, NON_NEGATIVE, PATH, POSITIVE, TEXT
 from trt_exit.errors import ConfigError, InputError
 from trt_exit.fileio import check_output_dir, check_output_file, load_arrays
 
 log = logging.getLogger(__name__)
+
+#: The most memory random profiling inputs may take (runs cycle through them).
+RANDOM_INPUTS_BYTES = 2**30
 
 
 def load_profile_inputs(manifest, source: str, samples: int, seed: int = 0):
@@ -38,6 +41,11 @@ def load_profile_inputs(manifest, source: str, samples: int, seed: int = 0):
                         "exit histogram does not reflect real data", manifest.path, exc)
             source = "random"
     if source == "random":
+        per_sample = sum(4 * int(np.prod(spec.shape[1:])) for spec in manifest.inputs)
+        if samples * per_sample > RANDOM_INPUTS_BYTES:
+            raise ConfigError(f"--input-samples {samples} random inputs would take "
+                              f"{samples * per_sample / 2**30:.1f} GiB; use at most "
+                              f"{RANDOM_INPUTS_BYTES // per_sample} (runs cycle through them)")
         rng = np.random.default_rng(seed)
         inputs = {spec.name: rng.standard_normal((samples, *spec.shape[1:])).astype(np.float32)
                   for spec in manifest.inputs}
@@ -51,7 +59,7 @@ def load_profile_inputs(manifest, source: str, samples: int, seed: int = 0):
             raise InputError(f"{path}: this model takes {[s.name for s in manifest.inputs]}; "
                              f"save them in one .npz by name")
         return {manifest.inputs[0].name: loaded[:samples]}, str(path)
-    return {name: loaded[name][:samples] for name in loaded.files}, str(path)
+    return {name: array[:samples] for name, array in loaded.items()}, str(path)
 
 
 def _profile(args: argparse.Namespace) -> int:
@@ -134,11 +142,12 @@ def register(subparsers) -> None:
                     "backends) and the whole model under its exit policy (p50/p90/p99 latency, "
                     "exit histogram, achieved rate); writes profile.json and profile.png. "
                     "On a Jetson it records the power mode and clocks.")
-    p.add_argument("dir", help="model directory with manifest.json")
+    p.add_argument("dir", type=PATH, help="model directory with manifest.json")
     add_backend_options(p)
-    p.add_argument("--policy", help="thresholds (default), thresholds:T0,T1,..., fixed:K, all")
+    p.add_argument("--policy", type=TEXT,
+                   help="thresholds (default), thresholds:T0,T1,..., fixed:K, all")
     p.add_argument("--budget-ms", type=POSITIVE, help="deadline policy with this budget")
-    p.add_argument("--inputs", default="dataset",
+    p.add_argument("--inputs", type=PATH, default="dataset",
                    help="dataset (the model's test split, default), random, or an .npz file")
     p.add_argument("--input-samples", type=COUNT, default=360,
                    help="distinct input samples (default 360)")
@@ -146,7 +155,8 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=NON_NEGATIVE, default=20, help="untimed runs first")
     p.add_argument("--stage-repeats", type=COUNT, default=200, help="timed runs per stage")
     p.add_argument("--batch", type=COUNT, default=1, help="samples per run (default 1)")
-    p.add_argument("--out", help="output directory (default DIR/profile; created if missing)")
+    p.add_argument("--out", type=PATH,
+                   help="output directory (default DIR/profile; created if missing)")
     p.add_argument("--save-latency", action="store_true",
                    help="store the per-stage medians as the manifest's latency profile")
     p.set_defaults(func=_profile)
@@ -160,7 +170,9 @@ def register(subparsers) -> None:
                     "its measured loop. Where nsys is not installed, prints the command.",
         epilog="example: trt-exit nsys -o av_fp16 -- trt-exit profile engines/av_crowd "
                "--backend tensorrt --precision fp16")
-    p.add_argument("-o", "--output", default="report", help="report name (default: report)")
+    p.add_argument("-o", "--output", type=PATH, default="report",
+                   help="report name (default: report)")
     p.add_argument("--dry-run", action="store_true", help="only print the command")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to profile")
+    p.add_argument("command", type=TEXT, nargs=argparse.REMAINDER,
+                   help="-- then the command to profile")
     p.set_defaults(func=_nsys)

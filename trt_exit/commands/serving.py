@@ -7,7 +7,7 @@ import argparse
 import signal
 import threading
 
-from trt_exit.commands.options import COUNT, NON_NEGATIVE, integer
+from trt_exit.commands.options import COUNT, NON_NEGATIVE, PATH, TEXT, integer
 
 PORT = integer(1, 65535)
 from trt_exit.commands.pipelines import add_backend_options
@@ -65,11 +65,12 @@ def _triton_repo(args: argparse.Namespace) -> int:
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dir", help="model directory with manifest.json")
+    p.add_argument("dir", type=PATH, help="model directory with manifest.json")
     add_backend_options(p)
     group = p.add_argument_group("served model")
-    group.add_argument("--policy", help=POLICY_HELP)
-    group.add_argument("--model-name", help="name clients use (default: the manifest's)")
+    group.add_argument("--policy", type=TEXT, help=POLICY_HELP)
+    group.add_argument("--model-name", type=TEXT,
+                       help="name clients use (default: the manifest's)")
     group = p.add_argument_group("batching")
     group.add_argument("--max-batch", type=COUNT,
                        help="largest batch the server forms (default: the engines' profile, "
@@ -96,7 +97,7 @@ def register(subparsers) -> None:
                "Ctrl-C (or SIGTERM) stops cleanly. See docs/serving.md.")
     _add_model_options(p)
     group = p.add_argument_group("network")
-    group.add_argument("--address", default="127.0.0.1",
+    group.add_argument("--address", type=TEXT, default="127.0.0.1",
                        help="address to listen on (default 127.0.0.1, this machine only; "
                             "0.0.0.0 for every interface)")
     group.add_argument("--http-port", type=PORT, default=8000, help="HTTP port (default 8000)")
@@ -105,7 +106,8 @@ def register(subparsers) -> None:
                        help="Prometheus metrics port (default 8002)")
     group.add_argument("--exit-timeout-s", type=NON_NEGATIVE, default=5,
                        help="on stop, how long to wait for requests in flight (default 5)")
-    group.add_argument("--log-file", help="write tritonserver's log here instead of the console")
+    group.add_argument("--log-file", type=PATH,
+                       help="write tritonserver's log here instead of the console")
     p.set_defaults(func=_serve)
 
     p = subparsers.add_parser(
@@ -114,7 +116,8 @@ def register(subparsers) -> None:
                     "early-exit chain with trt_exit's executor, its config.pbtxt, the model "
                     "files and a README saying how to start it.")
     _add_model_options(p)
-    p.add_argument("--out", required=True, metavar="REPO", help="repository directory to create")
+    p.add_argument("--out", type=PATH, required=True, metavar="REPO",
+                   help="repository directory to create")
     p.add_argument("--instance-kind", default="auto", choices=("auto", "cpu", "gpu"),
                    help="instance group kind (auto: gpu for torch/tensorrt, else cpu)")
     p.add_argument("--reference", action="store_true",

@@ -11,9 +11,12 @@ from pathlib import Path
 from trt_exit.commands.options import (
     COUNT,
     NON_NEGATIVE,
+    PATH,
     POSITIVE,
     SEED,
+    TEXT,
     THREADS,
+    URI,
     confidence_level,
     number,
 )
@@ -50,8 +53,9 @@ def _add_train_options(parser: argparse.ArgumentParser, recipe: str) -> None:
     group.add_argument("--lr", type=POSITIVE, help="peak learning rate")
     group.add_argument("--batch-size", type=COUNT)
     group.add_argument("--seed", type=SEED, default=0, help="seed of split, init and training (0)")
-    group.add_argument("--exits", help="early exits as BLOCK:TYPE,... (e.g. 2:mlp,4:slvit,6:mlp) "
-                                       "replacing the model's; TYPE is a registered exit family")
+    group.add_argument("--exits", type=TEXT,
+                       help="early exits as BLOCK:TYPE,... (e.g. 2:mlp,4:slvit,6:mlp) replacing "
+                            "the model's; TYPE is a registered exit family")
     group.add_argument("--threads", type=THREADS, help="torch threads for training")
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -191,7 +195,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from trt_exit.models.checkpoint import load_checkpoint, read_metadata
+    from trt_exit.manifest_schema import check_dataset_record
+    from trt_exit.models.checkpoint import EXTRA_KEY, load_checkpoint, read_metadata
     from trt_exit.workflow import CHECKPOINT_NAME, export_step, load_splits
 
     if args.dir and args.out and Path(args.dir).resolve() != Path(args.out).resolve():
@@ -204,10 +209,12 @@ def _export(args: argparse.Namespace) -> int:
     check_input_file(checkpoint, "checkpoint")
     check_output_dir(args.out, "--out", create=True)
     meta = read_metadata(checkpoint)
-    net = load_checkpoint(checkpoint)
     dataset = meta["extra"].get("dataset")
     if dataset is None:
         raise ConfigError(f"{checkpoint} records no dataset; it was not written by trt-exit train")
+    check_dataset_record(dataset, str(checkpoint), f"{EXTRA_KEY}.dataset",
+                         "checkpoint metadata", "train the checkpoint again (trt-exit train)")
+    net = load_checkpoint(checkpoint)
     splits = load_splits(dataset["name"], dataset["seed"], dataset.get("options"))
     manifest = export_step(net, args.out, splits, dataset, checkpoint=checkpoint)
     worst = manifest.parity["fp32"]["max_output_diff"]
@@ -268,7 +275,26 @@ def _eval(args: argparse.Namespace) -> int:
 
 def parse_policy(text: str | None, manifest):
     """A policy from its CLI spelling: ``thresholds``, ``thresholds:T0,T1,..``, ``fixed:K``,
-    ``all`` or ``deadline:MS``."""
+    ``all`` or ``deadline:MS``, checked against ``manifest`` (the number of exits, thresholds
+    in [0, 1], a latency profile for deadlines). The one reading of ``--policy`` for ``run``,
+    ``profile``, ``serve``, ``triton-repo`` and the Triton model itself.
+
+    Returns:
+        The policy, or None for the manifest's tuned thresholds.
+
+    Raises:
+        ConfigError: A spelling it does not know, or a policy this model cannot run.
+    """
+    policy = _policy_from_text(text, manifest)
+    if policy is not None:
+        try:
+            policy.validate(manifest.num_exits)
+        except ConfigError as exc:
+            raise ConfigError(f"--policy {text}: {exc}") from None
+    return policy
+
+
+def _policy_from_text(text: str | None, manifest):
     from trt_exit.runtime.policies import (
         AllExitsPolicy,
         DeadlinePolicy,
@@ -392,7 +418,8 @@ def register(subparsers) -> None:
         description="Trains a multi-exit ViT on scikit-learn's digits, exports one ONNX graph "
                     "per stage, tunes exit thresholds on the validation split and reports "
                     "accuracy and batch-1 latency of every exit on the test split.")
-    p.add_argument("--out", required=True, help="output directory (report.json, manifest, ONNX)")
+    p.add_argument("--out", type=PATH, required=True,
+                   help="output directory (report.json, manifest, ONNX)")
     _add_train_options(p, f"the demo recipe: {DEMO_TRAIN.summary()}")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
                    help="stage runner backend (default: onnxruntime on the CPU); the report "
@@ -402,46 +429,51 @@ def register(subparsers) -> None:
     _add_floor_confidence(p)
     p.add_argument("--passes", type=COUNT, default=DemoConfig.latency_passes,
                    help=f"timed passes over the test split ({DemoConfig.latency_passes})")
-    p.add_argument("--checkpoint",
+    p.add_argument("--checkpoint", type=PATH,
                    help="evaluate this trained checkpoint instead of training (e.g. an earlier "
                         "demo's OUT/checkpoint.safetensors; same --seed)")
     p.set_defaults(func=_demo)
 
     p = subparsers.add_parser("train", help="train a multi-exit model, write a checkpoint")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--model", default="multi_exit_vit_digits", help="registered model config")
-    p.add_argument("--dataset", default="digits", help="registered dataset")
-    p.add_argument("--dataset-option", action="append", metavar="KEY=VALUE",
+    p.add_argument("--out", type=PATH, required=True, help="output directory")
+    p.add_argument("--model", type=TEXT, default="multi_exit_vit_digits",
+                   help="registered model config")
+    p.add_argument("--dataset", type=TEXT, default="digits", help="registered dataset")
+    p.add_argument("--dataset-option", type=TEXT, action="append", metavar="KEY=VALUE",
                    help="dataset loader option, repeatable (e.g. root=/data/disco for disco and "
                         "speech_commands)")
     _add_train_options(p, "the demo recipe for multi_exit_vit_digits, TrainConfig's defaults "
                           "otherwise; with --timm: classifier_wise, 10 epochs, lr 1e-3")
     byo = p.add_argument_group("your own model and images (see docs/byo.md)")
-    byo.add_argument("--timm", metavar="NAME", help="timm model name (e.g. deit_tiny_patch16_224, "
-                                                    "resnet18); replaces --model")
-    byo.add_argument("--timm-arg", action="append", metavar="KEY=VALUE",
+    byo.add_argument("--timm", type=TEXT, metavar="NAME",
+                     help="timm model name (e.g. deit_tiny_patch16_224, resnet18); replaces "
+                          "--model")
+    byo.add_argument("--timm-arg", type=TEXT, action="append", metavar="KEY=VALUE",
                      help="timm creation argument, repeatable, recorded in the checkpoint "
                           "(e.g. act_layer=quick_gelu, img_size=224)")
-    byo.add_argument("--checkpoint", metavar="PATH",
+    byo.add_argument("--checkpoint", type=PATH, metavar="PATH",
                      help="pretrained weights of the timm model: .safetensors or a PyTorch state "
                           "dict (loaded with weights_only=True); never downloaded")
-    byo.add_argument("--data", metavar="URI", help="imagefolder://DIR (class folders, or train/ "
-                                                   "val/ test/ of them) or imagefolder://FILE.csv")
-    byo.add_argument("--input-size", metavar="C,H,W", help="input size (default: the backbone's)")
+    byo.add_argument("--data", type=URI, metavar="URI",
+                     help="imagefolder://DIR (class folders, or train/ val/ test/ of them) or "
+                          "imagefolder://FILE.csv")
+    byo.add_argument("--input-size", type=TEXT, metavar="C,H,W",
+                     help="input size (default: the backbone's)")
     _add_workers(byo, "images")
     byo.add_argument("--resume", action="store_true",
                      help="continue OUT.partial (an interrupted run) after its last epoch")
     p.set_defaults(func=_train)
 
     p = subparsers.add_parser("export", help="export a checkpoint to per-stage ONNX graphs")
-    p.add_argument("dir", nargs="?", metavar="RUN",
+    p.add_argument("dir", type=PATH, nargs="?", metavar="RUN",
                    help="output directory (manifest.json, onnx/), usually the run train wrote")
-    p.add_argument("--out", help="the same as RUN")
-    p.add_argument("--checkpoint", help="checkpoint (default: OUT/checkpoint.safetensors)")
+    p.add_argument("--out", type=PATH, help="the same as RUN")
+    p.add_argument("--checkpoint", type=PATH,
+                   help="checkpoint (default: OUT/checkpoint.safetensors)")
     p.set_defaults(func=_export)
 
     p = subparsers.add_parser("tune", help="profile stages and tune exit thresholds")
-    p.add_argument("dir", help="directory with manifest.json")
+    p.add_argument("dir", type=PATH, help="directory with manifest.json")
     _add_backend_options(p)
     p.add_argument("--max-drop", type=number(0.0), default=None,
                    help="allowed loss vs. the final exit: accuracy points (default 0.5, at most "
@@ -451,32 +483,33 @@ def register(subparsers) -> None:
     p.set_defaults(func=_tune)
 
     p = subparsers.add_parser("eval", help="accuracy and latency per exit on a split")
-    p.add_argument("dir", help="directory with manifest.json")
+    p.add_argument("dir", type=PATH, help="directory with manifest.json")
     _add_backend_options(p)
     p.add_argument("--split", choices=("train", "val", "test"),
                    help="split of the model's dataset (default test), or of --data (default: "
                         "every image it holds)")
-    p.add_argument("--data", metavar="URI",
+    p.add_argument("--data", type=URI, metavar="URI",
                    help="evaluate on your labelled images instead: imagefolder://DIR (class "
                         "folders) or imagefolder://FILE.csv / .jsonl, decoded with the model's "
                         "own evaluation transform")
     _add_workers(p, "--data images")
     p.add_argument("--passes", type=COUNT, default=3, help="timed passes over the split")
-    p.add_argument("--out", help="write the report as JSON here (its folder must exist)")
+    p.add_argument("--out", type=PATH, help="write the report as JSON here (its folder must exist)")
     p.set_defaults(func=_eval)
 
     p = subparsers.add_parser("run", help="run the model with early exits on images or arrays")
-    p.add_argument("dir", help="directory with manifest.json")
-    p.add_argument("--input", required=True, nargs="+", metavar="INPUT",
+    p.add_argument("dir", type=PATH, help="directory with manifest.json")
+    p.add_argument("--input", type=URI, required=True, nargs="+", metavar="INPUT",
                    help="image files, folders of images (every image under them, by path) or "
                         "imagefolder://DIR|FILE.csv (with each image's label), transformed as "
                         "the model's evaluation data was (manifest: preprocessing); or one .npy "
                         "(one input) / .npz (arrays named like the model inputs) of "
                         "preprocessed float32 inputs")
-    p.add_argument("--policy", help="thresholds (default), thresholds:T0,T1,..., fixed:K, all, "
-                                    "deadline:MS")
-    p.add_argument("--output", help="write JSON lines here instead of stdout (its folder must "
-                                    "exist; written only when every sample has run)")
+    p.add_argument("--policy", type=TEXT,
+                   help="thresholds (default), thresholds:T0,T1,..., fixed:K, all, deadline:MS")
+    p.add_argument("--output", type=PATH,
+                   help="write JSON lines here instead of stdout (its folder must exist; "
+                        "written only when every sample has run)")
     p.add_argument("--chunk", type=COUNT, default=DEFAULT_CHUNK,
                    help=f"samples per executor run (default {DEFAULT_CHUNK}): large inputs run "
                         f"in chunks, so memory stays flat")

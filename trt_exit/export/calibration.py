@@ -153,6 +153,6 @@ def load(manifest: Manifest) -> CalibrationSet:
         raise ArtifactError(f"{manifest.path} has no calibration set; create one with "
                             f"trt-exit calibrate {manifest.root}")
     path = manifest.verified_path(FileRef(**record["file"]), "calibration set")
-    with np.load(path, allow_pickle=False) as loaded:
-        inputs = {name: loaded[name] for name in loaded.files}
+    loaded = load_arrays(path, f"calibration set (calibration.file in {manifest.path})")
+    inputs = loaded if isinstance(loaded, dict) else {"": loaded}
     return check(manifest, CalibrationSet(inputs, dict(record.get("origin", {}))))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -122,9 +123,62 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if CONFIG_KEY not in metadata:
         raise ArtifactError(f"{path} is a safetensors file but not a trt_exit checkpoint "
                             f"(no {CONFIG_KEY!r} metadata)")
-    return {"config": json.loads(metadata[CONFIG_KEY]),
-            "extra": json.loads(metadata.get(EXTRA_KEY, "{}")),
-            "reference": json.loads(metadata[REFERENCE_KEY]) if REFERENCE_KEY in metadata else None}
+    from trt_exit.manifest_schema import check_model_config
+
+    reference = _metadata_object(path, metadata, REFERENCE_KEY)
+    if reference is not None:
+        _check_reference(path, reference)
+    config = _metadata_object(path, metadata, CONFIG_KEY)
+    check_model_config(config, str(path), CONFIG_KEY, advice=_DAMAGED)
+    return {"config": config,
+            "extra": _metadata_object(path, metadata, EXTRA_KEY) or {},
+            "reference": reference}
+
+
+_DAMAGED = "the checkpoint is damaged or was not written by trt-exit: train it again"
+
+
+def _check_reference(path: Path, reference: dict[str, Any]) -> None:
+    """The reference outputs must be arrays of numbers (one per exit)."""
+    import numpy as np
+
+    outputs = reference.get("outputs")
+    if not isinstance(outputs, list):
+        raise ArtifactError(f"{path}: its {REFERENCE_KEY!r} metadata has no list of outputs; "
+                            f"{_DAMAGED}")
+    for k, output in enumerate(outputs):
+        try:
+            values = np.asarray(output, dtype=np.float64)  # null reads as NaN
+        except (TypeError, ValueError):
+            values = None
+        if values is None or not np.isfinite(values).all():
+            raise ArtifactError(f"{path}: its {REFERENCE_KEY!r} metadata: output {k} is not an "
+                                f"array of finite numbers; {_DAMAGED}")
+
+
+def _metadata_object(path: Path, metadata: dict[str, str], key: str) -> dict[str, Any] | None:
+    """The JSON object stored under ``key`` in a checkpoint's metadata (None when absent),
+    within the limits of :func:`trt_exit.manifest_schema.check_document`.
+
+    Raises:
+        ArtifactError: Not JSON, not an object, nested too deep, a number out of range.
+    """
+    from trt_exit.manifest_schema import check_document
+
+    if key not in metadata:
+        return None
+    advice = _DAMAGED
+    try:
+        value = json.loads(metadata[key])
+    except (ValueError, RecursionError) as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ArtifactError(f"{path}: its {key!r} metadata is not valid JSON ({reason}); "
+                            f"{advice}") from None
+    if not isinstance(value, dict):
+        raise ArtifactError(f"{path}: its {key!r} metadata must be a JSON object, not "
+                            f"{type(value).__name__}; {advice}")
+    check_document(value, str(path), f"checkpoint metadata {key!r}", advice)
+    return value
 
 
 def load_checkpoint(path: str | os.PathLike) -> MultiExitModel:
@@ -141,7 +195,20 @@ def load_checkpoint(path: str | os.PathLike) -> MultiExitModel:
     from safetensors.torch import load_model
 
     metadata = read_metadata(path)
-    model = build_model(ModelConfig.from_dict(metadata["config"]))
+    try:
+        config = ModelConfig.from_dict(metadata["config"])
+        _check_size(path, config)
+        with warnings.catch_warnings():  # torch's notes on odd sizes: the error says enough
+            warnings.simplefilter("ignore", UserWarning)
+            model = build_model(config)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, ArithmeticError,
+            AssertionError, MemoryError, RuntimeError) as exc:
+        # The config is the checkpoint's own, as untrusted as its weights: a value of the wrong
+        # type or size shows as one of these from the model's constructors (ConfigError too;
+        # ArithmeticError: num_heads 0; AssertionError: timm's own checks of its arguments).
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise ArtifactError(f"{path}: its model config does not build a model ({reason}); the "
+                            f"checkpoint is damaged or from another trt-exit version") from exc
     try:
         load_model(model, str(path), strict=True)
     except Exception as exc:  # safetensors raises RuntimeError listing every key
@@ -162,6 +229,30 @@ def load_checkpoint(path: str | os.PathLike) -> MultiExitModel:
                 f"version? saved with torch {reference.get('torch')})")
         model.trained_reference = reference
     return model.eval()
+
+
+def _check_size(path: str | os.PathLike, config: ModelConfig) -> None:
+    """Refuses a config that builds a model much larger than the weights in the file, before
+    the model is built (a config with ``embed_dim: 10**9`` would otherwise exhaust memory): the
+    model is built on PyTorch's ``meta`` device first, which allocates nothing."""
+    import math
+
+    import torch
+    from safetensors import safe_open
+
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Initializing zero-element tensors is a no-op"
+            skeleton = build_model(config)
+    except NotImplementedError:  # an operation meta tensors lack: build it for real
+        return
+    needed = sum(t.numel() for t in skeleton.state_dict().values())
+    with safe_open(str(path), framework="pt") as handle:
+        stored = sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
+    if needed > 2 * stored + 1_000_000:
+        raise ArtifactError(f"{path}: its model config builds a model of {needed:,} values, but "
+                            f"the file holds {stored:,}: the config does not belong to these "
+                            f"weights (the checkpoint is damaged)")
 
 
 def _load_old_timm_layout(model: MultiExitModel, path: str | os.PathLike) -> bool:

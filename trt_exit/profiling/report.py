@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from trt_exit.errors import ConfigError
 from trt_exit.profiling.environment import machine_info
 from trt_exit.profiling.jetson import jetson_state
 from trt_exit.profiling.nsys import cuda_profiler_range, profiler_range_wanted
@@ -153,6 +154,11 @@ def profile_executor(executor, inputs: dict[str, np.ndarray], backend: str,
     """
     config = config or ProfileConfig()
     manifest = executor.manifest
+    available = len(next(iter(inputs.values())))
+    if config.batch > available:
+        raise ConfigError(f"batch {config.batch} (--batch) is more than the {available} input "
+                          f"samples ({input_source or 'the inputs'}); use a batch of at most "
+                          f"{available}, or more input samples (--input-samples, --inputs)")
     one = {name: v[:config.batch] for name, v in inputs.items()}
     report: dict[str, Any] = {
         "model": manifest.name,

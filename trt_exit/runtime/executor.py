@@ -325,9 +325,12 @@ class Executor:
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise ConfigError(f"chunk must be a positive number of samples, got {chunk!r}")
         arrays = dict(inputs) if isinstance(inputs, Mapping) else {None: inputs}
-        lengths = {name: len(value) if hasattr(value, "__len__") else None
-                   for name, value in arrays.items()}
-        if len(set(lengths.values())) != 1 or None in lengths.values():
+        for name, value in arrays.items():
+            if not hasattr(value, "__len__") or np.ndim(value) == 0:
+                raise InputError(f"input{'' if name is None else f' {name!r}'} is a single value "
+                                 f"(0-d), not a batch of samples: give arrays shaped (N, ...)")
+        lengths = {name: len(value) for name, value in arrays.items()}
+        if len(set(lengths.values())) != 1:
             raise InputError(f"inputs have different numbers of samples: {lengths}")
         total = next(iter(lengths.values()))
 

@@ -93,6 +93,24 @@ def engines_max_batch(manifest: Manifest, precision: str) -> int | None:
     return min(limits) if limits else None
 
 
+def served_model_name(manifest: Manifest, requested: str | None) -> str:
+    """The name clients use: ``requested`` (``--model-name``), else the manifest's. It becomes
+    a folder of a Triton repository and a part of every URL, so it must be a model name
+    (letters, digits, ``_ . : -``; :data:`trt_exit.manifest_schema.MODEL_NAME`).
+
+    Raises:
+        ConfigError: It is not one.
+    """
+    from trt_exit.manifest_schema import MODEL_NAME
+
+    name = requested or manifest.name
+    if not MODEL_NAME.match(name):
+        shown = name if len(name) <= 60 else name[:57] + "..."
+        raise ConfigError(f"--model-name {shown!r} is not a model name: use letters, digits and "
+                          f"_ . : - (at most 200 characters)")
+    return name
+
+
 def resolve_max_batch(manifest: Manifest, backend: str, precision: str,
                       requested: int | None, default: int = 16) -> int:
     """The server's max batch: ``requested`` (default ``default``), within the engines' profile

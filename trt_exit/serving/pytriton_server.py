@@ -34,6 +34,7 @@ from trt_exit.serving.model_io import (
     resolve_max_batch,
     run_requests,
     served_inputs,
+    served_model_name,
     served_outputs,
 )
 
@@ -95,7 +96,7 @@ class ModelServer:
     def __init__(self, config: ServeConfig):
         self.config = config
         self.manifest = Manifest.load(config.model_dir)
-        self.model_name = config.model_name or self.manifest.name
+        self.model_name = served_model_name(self.manifest, config.model_name)
         self.max_batch = resolve_max_batch(self.manifest, config.backend, config.precision,
                                            config.max_batch)
         self.exit_histogram = [0] * self.manifest.num_exits

@@ -24,9 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trt_exit.errors import ConfigError
-from trt_exit.fileio import check_output_dir
+from trt_exit.fileio import check_folder_outside, check_output_dir
 from trt_exit.manifest import MANIFEST_NAME, Manifest
-from trt_exit.serving.model_io import TensorIO, resolve_max_batch, served_inputs, served_outputs
+from trt_exit.serving.model_io import (
+    TensorIO,
+    resolve_max_batch,
+    served_inputs,
+    served_model_name,
+    served_outputs,
+)
 
 MODEL_PY = '''"""Triton Python-backend model: a trt_exit early-exit model (written by trt-exit triton-repo).
 
@@ -176,17 +182,25 @@ spelling; empty = tuned thresholds), `threads`, `model_dir`. Instance group: {ki
 def write_repository(config: RepositoryConfig) -> Path:
     """Writes the repository; returns the model's directory in it.
 
+    Every option is checked as ``trt-exit serve`` checks it (the policy against the model, the
+    model name) before anything is written.
+
     Raises:
         ConfigError: ``out`` exists, or an option is invalid.
+        OutputError: ``out`` lies inside the model directory.
         ArtifactError / ManifestError: A model file is missing or does not match its hash.
     """
+    from trt_exit.commands.spine import parse_policy
+
     manifest = Manifest.load(config.model_dir)
     out = Path(config.out)
     if out.exists() or out.is_symlink():
         raise ConfigError(f"{out} already exists; choose a new --out directory (the "
                           f"repository is written whole)")
     check_output_dir(out.parent, "--out")  # exists and is writable; not created silently
-    name = config.model_name or manifest.name
+    check_folder_outside(out, manifest.root, "--out", "write the repository outside it")
+    parse_policy(config.policy, manifest)  # the model runs it: refused here, not at load
+    name = served_model_name(manifest, config.model_name)
     max_batch = resolve_max_batch(manifest, config.backend, config.precision, config.max_batch)
     if config.precision not in manifest.precisions() and config.backend != "tensorrt":
         raise ConfigError(f"{manifest.path} has no {config.precision} graphs (has: "

@@ -141,6 +141,7 @@ def load_dataset(name: str, seed: int = 0, **kwargs: Any) -> dict[str, Dataset]:
 
 def _loader_options(name: str, loader: Callable, options: dict[str, Any]) -> dict[str, Any]:
     import inspect
+    import typing
 
     parameters = {p.name: p for p in inspect.signature(loader).parameters.values()
                   if p.name != "seed" and p.kind is p.POSITIONAL_OR_KEYWORD}
@@ -148,22 +149,120 @@ def _loader_options(name: str, loader: Callable, options: dict[str, Any]) -> dic
     if unknown:
         raise ConfigError(f"dataset {name!r} has no option {', '.join(map(repr, unknown))}; its "
                           f"options: {', '.join(parameters) or 'none'}")
+    try:
+        hints = typing.get_type_hints(loader)
+    except (NameError, TypeError):  # an annotation that does not resolve: check by default
+        hints = {}
     converted = {}
     for key, value in options.items():
-        default = parameters[key].default
-        kind = type(default)
-        if isinstance(value, str) and kind in (bool, int, float):
-            try:
-                if kind is bool:
-                    if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                        raise ValueError(value)
-                    value = value.lower() in ("1", "true", "yes")
-                else:
-                    value = kind(value)
-            except ValueError:
-                wanted = {bool: "true or false", int: "an integer", float: "a number"}[kind]
-                raise ConfigError(f"dataset {name!r} option {key!r} takes {wanted}, "
-                                  f"got {value!r}") from None
-        converted[key] = value
+        declared = hints.get(key)
+        if declared is None:
+            default = parameters[key].default
+            declared = type(default) if default not in (None, inspect.Parameter.empty) else Any
+        converted[key] = _option_value(name, key, value, declared)
     return converted
+
+
+_WANTED = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+_PLURAL = {bool: "true or false", int: "integers", float: "numbers", str: "text"}
+
+
+def _plain(text: str) -> Any:
+    """Text of an untyped option (a bare ``list``'s items): a number when it reads as one."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _option_value(dataset: str, key: str, value: Any, declared: Any) -> Any:
+    """``value`` of a loader option as its declared type: text from ``--dataset-option
+    KEY=VALUE`` is converted (``1``, ``0.5``, ``true``, ``a,b`` for lists); JSON values from a
+    manifest or a checkpoint must already have the type.
+
+    Raises:
+        ConfigError: The value does not fit, or the option takes an object that text cannot
+            give (a settings dataclass: set it from Python).
+    """
+    import dataclasses
+    import math
+    import types
+    import typing
+
+    origin, args = typing.get_origin(declared), typing.get_args(declared)
+    union = origin in (typing.Union, types.UnionType)  # X | None, Optional[X]
+    options = [a for a in args if a is not type(None)] if union else [declared]
+    nullable = type(None) in args or declared is Any
+    if nullable and (value is None or isinstance(value, str)
+                     and value.strip().lower() in ("none", "null")):
+        return None
+    problems = []
+    for option in options:
+        if option is Any:
+            return _plain(value) if isinstance(value, str) else value
+        kind = typing.get_origin(option) or option
+        if kind in (bool, int, float):
+            if isinstance(value, str):
+                text = value.strip().lower()
+                try:
+                    if kind is bool:
+                        if text not in ("1", "0", "true", "false", "yes", "no"):
+                            raise ValueError(value)
+                        return text in ("1", "true", "yes")
+                    number = kind(text)
+                except ValueError:
+                    problems.append(_WANTED[kind])
+                    continue
+                if kind is float and not math.isfinite(number):
+                    problems.append("a finite number")
+                    continue
+                return number
+            if kind is bool and isinstance(value, bool):
+                return value
+            if kind is int and isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and math.isfinite(value):
+                return float(value)
+            problems.append(_WANTED[kind])
+        elif kind is str:
+            if isinstance(value, str):
+                return value
+            problems.append("text")
+        elif kind in (list, tuple):
+            items = [v.strip() for v in value.split(",")] if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)):
+                problems.append("a list")
+                continue
+            item_types = typing.get_args(option)
+            if len(item_types) == 2 and item_types[1] is Ellipsis or kind is list:
+                item_types = (item_types[0] if item_types else Any,) * len(items)
+            elif item_types and len(item_types) != len(items):
+                problems.append(f"a list of {len(item_types)}")
+                continue
+            try:
+                converted = [_option_value(dataset, key, item, item_type)
+                             for item, item_type in zip(items, item_types or [Any] * len(items))]
+            except ConfigError:
+                kinds = dict.fromkeys(_PLURAL.get(t, getattr(t, "__name__", str(t)))
+                                      for t in item_types)
+                problems.append("a list of " + " and ".join(kinds))
+                continue
+            return tuple(converted) if kind is tuple else converted
+        elif kind is dict:
+            if isinstance(value, dict):
+                return value
+            problems.append("an object (set it from Python or a manifest, not as text)")
+        elif isinstance(kind, type):
+            if isinstance(value, kind):
+                return value
+            what = kind.__name__ + (" settings" if dataclasses.is_dataclass(kind) else "")
+            problems.append(f"a {what} object (set it from Python; it cannot be given as text)")
+        else:  # an annotation this check does not know: the loader checks it
+            return value
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    raise ConfigError(f"dataset {dataset!r} option {key!r} takes {' or '.join(problems)}, "
+                      f"got {shown}")
 

@@ -42,6 +42,7 @@ import numpy as np
 
 from trt_exit import tensor_names as tn
 from trt_exit.errors import ConfigError, InputError, require
+from trt_exit.fileio import path_text_problem, shown_path
 from trt_exit.training.datasets import Dataset, register_dataset
 
 SCHEME = "imagefolder://"
@@ -225,7 +226,7 @@ def _read_table(path: Path) -> list[tuple[int, Any]]:
         else:
             with path.open(newline="") as handle:
                 rows = list(enumerate(csv.DictReader(handle), start=2))
-    except (OSError, ValueError, csv.Error) as exc:
+    except (OSError, ValueError, RecursionError, csv.Error) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
     if not rows:
         raise ConfigError(f"{path} lists no images")
@@ -333,6 +334,10 @@ def _find_in_table(path: Path, seed: int, val_fraction: float, test_fraction: fl
         if not isinstance(row, dict) or not isinstance(row.get("path"), str) or not row["path"]:
             raise ConfigError(f"{where}: every row needs a 'path' (an image file relative to "
                               f"{path.name}) and a {value_key!r}")
+        problem = path_text_problem(row["path"])
+        if problem:
+            raise ConfigError(f"{where}: the image path {shown_path(row['path'])} "
+                              f"cannot name a file: {problem}")
         image = (path.parent / row["path"]).resolve()
         if image.suffix.lower() not in extensions:
             raise ConfigError(f"{where}: {row['path']} is not an image "

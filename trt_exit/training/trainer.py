@@ -230,7 +230,7 @@ def _run_phase(
     epoch_callback: EpochCallback | None = None,
     resume: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    from tqdm.auto import tqdm
+    from trt_exit.progress import progress_bar
 
     exit_mask = [w > 0 for w in weights]
     device = _device(model)
@@ -259,15 +259,16 @@ def _run_phase(
         record = resume["record"]
         first = int(resume["epoch"]) + 1
         step = first * steps_per_epoch
-    bar = tqdm(range(first, epochs), desc=f"train {name}", disable=not progress, leave=False)
+    bar = progress_bar(range(first, epochs), desc=f"train {name}", unit="epoch",
+                       enabled=progress, lines=True)  # off a terminal: a line per epoch
     for epoch in bar:
         model.train()
         if not train_backbone:
             model.backbone.eval()  # frozen: no dropout / drop-path noise
         epoch_loss = 0.0
         seen = 0
-        images = tqdm(total=len(train_set), unit="img", desc="epoch", disable=not progress,
-                      leave=False)  # shows throughput (img/s)
+        images = progress_bar(desc="epoch", total=len(train_set), unit="img",
+                              enabled=progress)  # throughput (img/s); nothing off a terminal
         for batch, batch_targets in _train_batches(train_set, config, generator):
             batch, batch_targets = _to_device(batch, device), batch_targets.to(device)
             for group in optimizer.param_groups:

@@ -31,15 +31,29 @@ def session_options(threads: int = 1):
 
 
 def open_session(path: str | Path, threads: int = 1):
-    """An ``InferenceSession`` on the CPU; a damaged graph is an :class:`ArtifactError`."""
+    """An ``InferenceSession`` on the CPU; a damaged graph is an :class:`ArtifactError`.
+
+    ONNX Runtime takes file names as UTF-8 only: a graph under a folder whose name is not (a
+    Latin-1 name on a Linux disk) is read here and given to it as bytes.
+    """
     import onnxruntime as ort
 
+    source: str | bytes = str(path)
     try:
-        return ort.InferenceSession(str(path), session_options(threads),
+        source.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            source = Path(path).read_bytes()
+        except OSError as exc:
+            raise ArtifactError(f"cannot read {path} ({exc.strerror})") from exc
+    try:
+        return ort.InferenceSession(source, session_options(threads),
                                     providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for bad graphs
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        reason = lines[0][:300] + ("..." if len(lines) > 1 or len(lines[0]) > 300 else "")
         raise ArtifactError(
-            f"ONNX Runtime cannot load {path}: {str(exc).strip()}; re-export the model"
+            f"ONNX Runtime cannot load {path}: {reason}; re-export the model"
         ) from exc
 
 
