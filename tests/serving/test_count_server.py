@@ -160,29 +160,32 @@ def test_a_rolling_restart_of_the_server_loses_no_frame_line(av_model_dir, tmp_p
 @pytest.mark.serve
 def test_a_killed_server_is_cleaned_up_by_the_next_start(av_model_dir, av_server, home, tmp_path):
     """SIGKILL of a whole server (trt-exit serve, tritonserver, the Python backend): the camera
-    stops after --reconnect-s with one line and complete JSON lines; the server left its
-    workspace, shared memory and /tmp folders, which the next start removes, leaving those of
-    a server still running alone."""
+    waits for it (SIGTERM ends the wait at once, with complete JSON lines); the server left its
+    workspace, shared memory and /tmp folders, which the next start removes, leaving those of a
+    server still running alone."""
     from trt_exit.serving.process import ServerPorts, ServerProcess
 
     server = ServerProcess.serve(av_model_dir, ServerPorts.free(), MODEL, tmp_path / "a.log",
                                  home=home)
     out = tmp_path / "out.jsonl"
     with server:
-        count = _count_process(out, av_model_dir, server.ports.grpc_url, "--max-frames", "100000",
-                               "--reconnect-s", "3")
+        count = _count_process(out, av_model_dir, server.ports.grpc_url, "--max-frames", "100000")
         try:
             _wait_for_lines(out, 20, count)
             left = _leftovers(home)
             os.killpg(server.process.pid, signal.SIGKILL)  # the server crashes
             server.process.wait(timeout=10)
-            _, err = count.communicate(timeout=60)
+            time.sleep(1.5)  # count waits for the server (--reconnect-s 60) ...
+            assert count.poll() is None
+            stopped = time.monotonic()
+            count.send_signal(signal.SIGTERM)  # ... until it is told to stop
+            summary, err = count.communicate(timeout=60)
         finally:
             if count.poll() is None:
                 count.kill()
-    assert count.returncode == 2, err
-    assert f"server {server.ports.grpc_url} did not answer" in err and "within 3 s" in err
-    assert "Traceback" not in err
+    assert count.returncode == 0 and time.monotonic() - stopped < 10, err
+    assert "stopped: interrupted" in summary
+    assert f"server {server.ports.grpc_url}: infer failed" in err and "Traceback" not in err
     records = _records(out)  # every line written is complete JSON
     assert len(records) >= 20
     assert [r["frame"] for r in records] == list(range(len(records)))
@@ -220,6 +223,7 @@ def test_a_crash_of_tritonserver_leaves_nothing_behind(av_model_dir, home, tmp_p
     server = ServerProcess.serve(av_model_dir, ServerPorts.free(), MODEL, tmp_path / "a.log",
                                  home=home)
     load_on = threading.Event()
+    errors: list[str] = []
 
     def load() -> None:
         try:
@@ -229,8 +233,8 @@ def test_a_crash_of_tritonserver_leaves_nothing_behind(av_model_dir, home, tmp_p
                 while True:
                     remote.run(inputs)
                     load_on.set()
-        except ServingError:
-            pass  # the server is gone
+        except ServingError as exc:  # the server is gone for good
+            errors.append(str(exc))
 
     with server:
         clients = [threading.Thread(target=load) for _ in range(3)]
@@ -250,6 +254,8 @@ def test_a_crash_of_tritonserver_leaves_nothing_behind(av_model_dir, home, tmp_p
         for client in clients:
             client.join(timeout=30)
     assert "tritonserver exited" in log and "Traceback" not in log
+    assert len(errors) == 3 and all(  # the clients tried for reconnect_s, then said so
+        f"server {server.ports.grpc_url} " in e and "within 1 s" in e for e in errors), errors
     assert not record.exists()
     assert not any(start_time(pid) for pid in server_processes)  # no stub left hanging
     assert not any((Path("/dev/shm") / name).exists() for name in left[1])

@@ -4,6 +4,7 @@ queried over HTTP and gRPC and compared with the in-process executor sample by s
 from __future__ import annotations
 
 import importlib.util
+import os
 import signal
 import subprocess
 import sys
@@ -25,6 +26,13 @@ MODEL = "multi_exit_vit_tiny_test"
 def test_without_the_extra_serve_names_it(tiny_tuned, capsys):
     assert main(["serve", str(tiny_tuned), "--http-port", "1"]) == 2
     assert "pip install 'trt-exit[serve]'" in capsys.readouterr().err
+
+
+def test_tritonserver_without_a_repository_is_a_clear_error(tmp_path, capsys):
+    assert main(["tritonserver", "--model-repository", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a directory; write one with trt-exit triton-repo" in err
+    assert "Traceback" not in err
 
 
 @pytest.fixture(scope="module")
@@ -198,9 +206,15 @@ def test_a_model_that_goes_away_is_waited_for_and_reported_as_stopping(tiny_tune
     assert main(["triton-repo", str(tiny_tuned), "--out", str(repo)]) == 0
     images = digits["test"].inputs["image"][:4]
     ports = ServerPorts.free()
-    server = ServerProcess.tritonserver(repo, ports, MODEL, tmp_path / "tritonserver.log",
-                                        tmp_path / "work")
-    server.command += ["--model-control-mode=explicit", f"--load-model={MODEL}"]
+    # The tritonserver bundled with nvidia-pytriton, as triton-repo's message says to run it
+    # (its repository endpoints, unlike trt-exit serve's, are open: the test unloads the model).
+    server = ServerProcess(
+        [sys.executable, "-m", "trt_exit", "tritonserver", f"--model-repository={repo}",
+         "--http-port",
+         str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics),
+         "--", "--model-control-mode=explicit", f"--load-model={MODEL}", "--exit-timeout-secs=3"],
+        ports, MODEL, tmp_path / "tritonserver.log",
+        env={**os.environ, "PYTRITON_HOME": str(tmp_path / "home")})
     with server:
         admin = httpclient.InferenceServerClient(f"127.0.0.1:{ports.http}")
         for url in (ports.grpc_url, ports.http_url):
@@ -218,6 +232,8 @@ def test_a_model_that_goes_away_is_waited_for_and_reported_as_stopping(tiny_tune
             np.testing.assert_array_equal(got.exit_index, expected.exit_index)
             np.testing.assert_allclose(got.output, expected.output, rtol=1e-6)
         admin.close()
+        assert server.stop() == 0  # Ctrl-C reaches tritonserver itself (exec)
+    assert "running " in server.log.read_text().splitlines()[0]
 
 
 @pytest.mark.serve

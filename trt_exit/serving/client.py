@@ -234,14 +234,13 @@ class RemoteExecutor:
                 raise Interrupted(f"stopped while waiting for server {self.url}")
             wait = min(wait * 2, self.max_wait_s)
             self._connect()
-        waited = time.monotonic() - began
         if stopping:
             raise ServingError(
                 f"server {self.url} stopped serving model {self.model_name!r} (it was stopping or "
-                f"restarting) and did not serve it again within {waited:.0f} s ({tries} tries; "
+                f"restarting) and did not serve it again within {budget_s:g} s ({tries} tries; "
                 f"last: {_one_line(error)}); restart it (trt-exit serve), or allow more time "
                 f"(trt-exit count --reconnect-s)") from error
-        raise ServingError(f"server {self.url} did not answer ({what}) within {waited:.0f} s "
+        raise ServingError(f"server {self.url} did not answer ({what}) within {budget_s:g} s "
                            f"({tries} tries): {_one_line(error)}; start it with trt-exit serve, "
                            f"or check the address") from error
 

@@ -26,6 +26,7 @@ from trt_exit.manifest import Manifest
 from trt_exit.serving.environment import (
     ServingError,
     check_port_free,
+    pytriton_home,
     require_pytriton,
     stub_environment,
 )
@@ -129,7 +130,6 @@ class ModelServer:
     def start(self) -> None:
         """Opens the executors, starts Triton and waits until the model is ready."""
         require_pytriton("trt-exit serve")
-        from pytriton.constants import PYTRITON_HOME
         from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
         from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
@@ -140,7 +140,8 @@ class ModelServer:
         if c.instances < 1:
             raise ServingError(f"--instances must be at least 1, got {c.instances}")
         # Before the port checks: a dead server's tritonserver may still hold the ports.
-        for cleaned in clean_stale_servers(PYTRITON_HOME):
+        home = pytriton_home()
+        for cleaned in clean_stale_servers(home):
             log.warning("cleaned up after trt-exit serve (pid %s), which did not stop cleanly: "
                         "%s", cleaned.pid, cleaned.describe())
         for option, port in (("--http-port", c.http_port), ("--grpc-port", c.grpc_port),
@@ -159,7 +160,7 @@ class ModelServer:
             http_port=c.http_port, grpc_port=c.grpc_port, metrics_port=c.metrics_port,
             exit_timeout_secs=c.exit_timeout_s, log_file=Path(c.log_file) if c.log_file else None,
         )
-        self._record = ServerRecord.create(PYTRITON_HOME)
+        self._record = ServerRecord.create(home)
         workspace = self._record.workspace if self._record is not None else None
         self._triton = Triton(config=triton_config, workspace=workspace,
                               security_config=TritonSecurityConfig(
