@@ -16,7 +16,10 @@ Each repeat:
    next line;
 3. **crash**: the same with SIGKILL of the server's whole process group (trt-exit serve,
    tritonserver, the Python backend) instead of SIGTERM; the new server first removes what the
-   killed one left.
+   killed one left;
+4. **kill**: SIGKILL of the ``trt-exit serve`` process alone: its tritonserver gets SIGTERM from
+   the kernel (PyTriton's parent-death signal) and shuts down with requests in flight that the
+   dead process will never answer; the new server kills it (it still holds the ports).
 
 Every run must write every frame's line, in order, and exit 0. Writes
 ``benchmarks/results/serve-recovery-cpu.json`` and prints a table; exit status 1 on a lost line
@@ -41,6 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 MODEL = "multi_exit_av_crowd_tiny_test"
 FRAMES = 400  # 16 s at 25 FPS: the outage falls inside the run
+HOWS = ("restart", "crash", "kill")
 
 
 def _ok(url: str) -> bool:
@@ -116,8 +120,10 @@ def outage(model_dir: Path, work: Path, how: str, repeat: int) -> dict:
     signalled = time.monotonic()
     if how == "restart":
         old.send_signal(signal.SIGTERM)
-    else:
+    elif how == "crash":
         os.killpg(old.pid, signal.SIGKILL)
+    else:
+        old.send_signal(signal.SIGKILL)
     status = old.wait(timeout=60)
     stop_s = time.monotonic() - signalled
     launched = time.monotonic()
@@ -161,7 +167,7 @@ def main() -> int:
         model_dir = build_tiny_av_export(work / "av", seed=0).root
     runs = []
     for repeat in range(args.repeats):
-        for how in ("restart", "crash"):  # interleaved: load from other jobs falls on both
+        for how in HOWS:  # interleaved: load from other jobs falls on all of them
             result = outage(Path(model_dir), work, how, repeat)
             result.update(how=how, repeat=repeat)
             runs.append(result)
@@ -180,7 +186,7 @@ def main() -> int:
         "model_ready_s": statistics.median(s["model_ready_s"] for s in starts),
         "model_after_health_s": statistics.median(s["model_ready_s"] - s["health_ready_s"]
                                                   for s in starts),
-        **{f"{how}_{key}": median(how, key) for how in ("restart", "crash")
+        **{f"{how}_{key}": median(how, key) for how in HOWS
            for key in ("stop_s", "outage_s", "ready_to_first_line_s")},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -191,7 +197,8 @@ def main() -> int:
     print(f"  start: /v2/health/ready {summary['health_ready_s']:.2f} s, "
           f"/v2/models/{MODEL}/ready {summary['model_ready_s']:.2f} s "
           f"({summary['model_after_health_s']:.2f} s later)")
-    for how, what in (("restart", "SIGTERM"), ("crash", "SIGKILL of the process group")):
+    for how, what in zip(HOWS, ("SIGTERM", "SIGKILL of the process group",
+                                "SIGKILL of trt-exit serve alone")):
         print(f"  {how} ({what}): server gone after {summary[f'{how}_stop_s']:.2f} s; clients "
               f"paused {summary[f'{how}_outage_s']:.2f} s; first line "
               f"{summary[f'{how}_ready_to_first_line_s']:.2f} s after the new server was ready")

@@ -201,7 +201,8 @@ def test_a_killed_server_is_cleaned_up_by_the_next_start(av_model_dir, av_server
         assert dead not in now and not any((Path("/dev/shm") / n).exists() for n in dead_shm)
         assert not any(f.exists() for f in dead_folders)
         assert now[live][1:] == live_before[1:] and now[live][0]  # the live server's: untouched
-        assert f"cleaned up after trt-exit serve (pid {server.process.pid})" in after.log.read_text()
+        log = after.log.read_text()
+        assert f"cleaned up after trt-exit serve (pid {server.process.pid})" in log
         assert main(count_args(tmp_path / "live.jsonl", "--engines", str(av_model_dir),
                                "--server", av_server.ports.grpc_url, "--max-frames", "3")) == 0
 

@@ -197,8 +197,9 @@ class RemoteExecutor:
 
     def _with_retries(self, what: str, call, budget_s: float, *args):
         """``call(*args)``, tried again while the server does not answer or is stopping or
-        starting, for up to ``budget_s``."""
-        began = time.monotonic()
+        starting, for up to ``budget_s`` after the first failure (which may itself have taken
+        ``timeout_s``: a server that accepts requests but never answers them)."""
+        began = None
         wait = self.retry_wait_s
         tries, stopping = 0, False
         while True:
@@ -216,10 +217,11 @@ class RemoteExecutor:
             except (OSError, http.client.HTTPException, ServingError) as exc:
                 error, unloaded = exc, False  # refused, reset, closed, timed out; not ready yet
             else:
-                if tries > 1:
+                if began is not None:
                     log.warning("server %s answers again (%s, after %.1f s)", self.url, what,
                                 time.monotonic() - began)
                 return result
+            began = time.monotonic() if began is None else began
             waited = time.monotonic() - began
             if waited + wait > budget_s:
                 stopping = stopping or unloaded

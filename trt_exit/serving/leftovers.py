@@ -25,7 +25,6 @@ records are cleaned; a live server's files are never touched.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trt_exit.fileio import _try_lock
 from trt_exit.serving.environment import ServingError
 
 try:  # POSIX only; elsewhere nothing is recorded and nothing is cleaned
@@ -169,20 +169,6 @@ def _mapped_shm(pid: int | str) -> set[str]:
     except OSError:
         return set()
     return {line.rsplit("/", 1)[1] for line in lines if f" {SHM}/" in line}
-
-
-# --------------------------------------------------------------------------- locks
-
-
-def _lock(fd: int) -> bool:
-    """An exclusive flock on ``fd`` without waiting; False when a live process holds it."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-            return False
-        raise
-    return True
 
 
 # --------------------------------------------------------------------------- records
@@ -335,7 +321,7 @@ def clean_record(root: Path) -> Cleanup | None:
     except OSError:  # gone (another cleaner was faster), or a record being made
         return None
     try:
-        if not _lock(fd):
+        if not _try_lock(fd):
             return None  # its server holds the lock: alive
         info = _read_info(root)
         if info is None or _alive(info):
