@@ -279,8 +279,10 @@ def _remove(root: Path, info: dict) -> Cleanup:
     workspace = str(root / _WORKSPACE)
     for folder in TRITON_TMP.glob("folder*"):
         try:
+            if folder.is_symlink() or folder.stat().st_uid != os.getuid():
+                continue
             config = (folder / "config.pbtxt").read_text(errors="replace")[:1 << 16]
-        except OSError:  # not a model folder, or another user's
+        except OSError:  # gone, or not a model folder
             continue
         match = _WORKSPACE_PATH.search(config)
         if match and match.group(1) == workspace:
