@@ -4,6 +4,7 @@ queried over HTTP and gRPC and compared with the in-process executor sample by s
 from __future__ import annotations
 
 import importlib.util
+import os
 import signal
 import subprocess
 import sys
@@ -27,13 +28,21 @@ def test_without_the_extra_serve_names_it(tiny_tuned, capsys):
     assert "pip install 'trt-exit[serve]'" in capsys.readouterr().err
 
 
+def test_tritonserver_without_a_repository_is_a_clear_error(tmp_path, capsys):
+    assert main(["tritonserver", "--model-repository", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a directory; write one with trt-exit triton-repo" in err
+    assert "Traceback" not in err
+
+
 @pytest.fixture(scope="module")
 def server(tiny_tuned, tmp_path_factory):
     from trt_exit.serving.process import ServerPorts, ServerProcess
 
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     process = ServerProcess.serve(tiny_tuned, ServerPorts.free(), MODEL, log,
-                                  "--max-batch", "16", "--max-queue-delay-us", "2000")
+                                  "--max-batch", "16", "--max-queue-delay-us", "2000",
+                                  "--exit-timeout-s", "10")
     with process:
         yield process
 
@@ -173,8 +182,58 @@ def test_sigterm_stops_the_server_cleanly(server):
     assert server.leftovers == 0  # tritonserver and its Python-backend stub are gone too
     log = server.log.read_text()
     assert "stopping: answered" in log and "Traceback" not in log
+    # Its own multiprocessing helper is not "a process tritonserver left running" (it ends
+    # with its parent), and with time to unload the model (--exit-timeout-s 10) nothing of
+    # tritonserver's outlives it: no warning at all.
+    assert "killed" not in log and "left running" not in log, log[-3000:]
     for port, option in ((server.ports.http, "--http-port"), (server.ports.grpc, "--grpc-port")):
         check_port_free("127.0.0.1", port, option)  # nothing left listening
+
+
+@pytest.mark.serve
+def test_a_model_that_goes_away_is_waited_for_and_reported_as_stopping(tiny_tuned, digits,
+                                                                       tmp_path):
+    """While Triton stops (or starts) it answers NOT_FOUND for the model it unloads (loads).
+    The client tries again as for a refused connection: a model back within ``reconnect_s`` is
+    answered; one that is not is reported as its server stopping, not as an unknown model."""
+    import tritonclient.http as httpclient
+
+    from trt_exit.serving.client import RemoteExecutor
+    from trt_exit.serving.environment import ServingError
+    from trt_exit.serving.process import ServerPorts, ServerProcess
+
+    repo = tmp_path / "repo"
+    assert main(["triton-repo", str(tiny_tuned), "--out", str(repo)]) == 0
+    images = digits["test"].inputs["image"][:4]
+    ports = ServerPorts.free()
+    # The tritonserver bundled with nvidia-pytriton, as triton-repo's message says to run it
+    # (its repository endpoints, unlike trt-exit serve's, are open: the test unloads the model).
+    server = ServerProcess(
+        [sys.executable, "-m", "trt_exit", "tritonserver", f"--model-repository={repo}",
+         "--http-port",
+         str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics),
+         "--", "--model-control-mode=explicit", f"--load-model={MODEL}", "--exit-timeout-secs=3"],
+        ports, MODEL, tmp_path / "tritonserver.log",
+        env={**os.environ, "PYTRITON_HOME": str(tmp_path / "home")})
+    with server:
+        admin = httpclient.InferenceServerClient(f"127.0.0.1:{ports.http}")
+        for url in (ports.grpc_url, ports.http_url):
+            with RemoteExecutor(url, tiny_tuned, reconnect_s=1.5) as remote:
+                expected = remote.run(images)
+                admin.unload_model(MODEL)  # as Triton does when it stops
+                with pytest.raises(ServingError, match=r"stopped serving model "
+                                   r"'multi_exit_vit_tiny_test' \(it was stopping or restarting"):
+                    remote.run(images)
+                remote.reconnect_s = 60
+                load = urllib.request.Request(  # back again, from another thread
+                    f"{ports.http_url}/v2/repository/models/{MODEL}/load", b"{}", method="POST")
+                threading.Timer(0.5, urllib.request.urlopen, args=(load,)).start()
+                got = remote.run(images)
+            np.testing.assert_array_equal(got.exit_index, expected.exit_index)
+            np.testing.assert_allclose(got.output, expected.output, rtol=1e-6)
+        admin.close()
+        assert server.stop() == 0  # Ctrl-C reaches tritonserver itself (exec)
+    assert "running " in server.log.read_text().splitlines()[0]
 
 
 @pytest.mark.serve

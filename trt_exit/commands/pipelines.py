@@ -143,7 +143,7 @@ def _count(args: argparse.Namespace) -> int:
             signal.signal(signum, on_stop_signal)
     status = None if args.no_status else StatusLine(sys.stderr)
     try:
-        with _count_executor(args, manifest, policy) as executor:
+        with _count_executor(args, manifest, policy, stop) as executor:
             app = CrowdCounter(manifest, executor, video, audio, sinks, config, policy=policy,
                                status=status, stop_event=stop)
             with app:
@@ -163,8 +163,9 @@ def _count(args: argparse.Namespace) -> int:
     return 0
 
 
-def _count_executor(args: argparse.Namespace, manifest, policy):
-    """The in-process executor, or with ``--server`` one that sends frames to a server."""
+def _count_executor(args: argparse.Namespace, manifest, policy, stop: threading.Event):
+    """The in-process executor, or with ``--server`` one that sends frames to a server (and
+    waits up to ``--reconnect-s`` for a server that stops answering, e.g. while it restarts)."""
     if not args.server:
         return open_executor(manifest, args.backend, args.precision, policy, args.threads)
     if policy is not None:
@@ -172,7 +173,7 @@ def _count_executor(args: argparse.Namespace, manifest, policy):
                           "server's (start trt-exit serve with --policy deadline:MS)")
     from trt_exit.serving.client import RemoteExecutor
 
-    return RemoteExecutor(args.server, manifest)
+    return RemoteExecutor(args.server, manifest, reconnect_s=args.reconnect_s, stop_event=stop)
 
 
 def _check_outputs(args: argparse.Namespace, manifest) -> None:
@@ -253,7 +254,8 @@ def register(subparsers) -> None:
     group.add_argument("--queue-frames", type=COUNT, default=2,
                        help="capture queue length; live input keeps the newest (default 2)")
     group.add_argument("--reconnect-s", type=POSITIVE, default=60.0,
-                       help="how long to retry a lost camera before stopping (default 60)")
+                       help="how long to retry a lost camera, or a --server that stopped "
+                            "answering (restarting, crashed), before stopping (default 60)")
     group = p.add_argument_group("run")
     group.add_argument("--max-frames", type=COUNT, help="stop after N frames")
     group.add_argument("--duration-s", type=POSITIVE, help="stop after S seconds")

@@ -60,8 +60,42 @@ def _triton_repo(args: argparse.Namespace) -> int:
         max_batch=args.max_batch, max_queue_delay_us=args.max_queue_delay_us,
         instance_kind=args.instance_kind, instances=args.instances, reference=args.reference))
     print(f"wrote {model.parent} (model {model.name}); start it with: tritonserver "
-          f"--model-repository={model.parent.resolve()}  (see {model.parent / 'README.md'})")
+          f"--model-repository={model.parent.resolve()}  (or, with the tritonserver bundled in "
+          f"nvidia-pytriton: trt-exit tritonserver --model-repository={model.parent}; see "
+          f"{model.parent / 'README.md'})")
     return 0
+
+
+def _tritonserver(args: argparse.Namespace) -> int:
+    import os
+    import shlex
+    from pathlib import Path
+
+    from trt_exit.errors import ConfigError
+    from trt_exit.serving.environment import (
+        bundled_tritonserver,
+        bundled_tritonserver_dir,
+        check_port_free,
+        tritonserver_environment,
+    )
+
+    repository = Path(args.repository)
+    if not repository.is_dir():
+        raise ConfigError(f"model repository {repository} is not a directory; write one with "
+                          f"trt-exit triton-repo DIR --out {repository}")
+    for option, port in (("--http-port", args.http_port), ("--grpc-port", args.grpc_port),
+                         ("--metrics-port", args.metrics_port)):
+        check_port_free(args.address, port, option)
+    binary, backends = bundled_tritonserver(bundled_tritonserver_dir())
+    extra = args.tritonserver_options[1:] if args.tritonserver_options[:1] == ["--"] \
+        else args.tritonserver_options
+    command = [str(binary), f"--model-repository={repository.resolve()}",
+               f"--backend-directory={backends}", f"--http-address={args.address}",
+               f"--grpc-address={args.address}", f"--metrics-address={args.address}",
+               f"--http-port={args.http_port}", f"--grpc-port={args.grpc_port}",
+               f"--metrics-port={args.metrics_port}", *extra]
+    print(f"running {shlex.join(command)}", flush=True)
+    os.execve(binary, command, tritonserver_environment())  # tritonserver's signals and status
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -123,6 +157,27 @@ def register(subparsers) -> None:
     p.add_argument("--reference", action="store_true",
                    help="point at DIR by absolute path instead of copying the model files")
     p.set_defaults(func=_triton_repo)
+
+    p = subparsers.add_parser(
+        "tritonserver", help="run the tritonserver bundled with nvidia-pytriton on a repository",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Runs the tritonserver that ships inside nvidia-pytriton (pip install "
+                    "'trt-exit[serve]'; it is not put on PATH) on a model repository written by "
+                    "trt-exit triton-repo, with its Python backend set up for this interpreter.",
+        epilog="example: trt-exit triton-repo runs/demo --out triton_repo\n"
+               "         trt-exit tritonserver --model-repository=triton_repo -- --log-verbose=1\n"
+               "Ctrl-C stops it. See docs/serving.md.")
+    p.add_argument("--model-repository", required=True, metavar="REPO", dest="repository",
+                   help="model repository (written by trt-exit triton-repo)")
+    p.add_argument("--address", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--http-port", type=PORT, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--grpc-port", type=PORT, default=8001, help="gRPC port (default 8001)")
+    p.add_argument("--metrics-port", type=PORT, default=8002,
+                   help="Prometheus metrics port (default 8002)")
+    p.add_argument("tritonserver_options", nargs=argparse.REMAINDER, metavar="-- OPTIONS",
+                   help="more tritonserver options, after --")
+    p.set_defaults(func=_tritonserver)
 
 
 __all__ = ["register"]

@@ -5,14 +5,21 @@ context manager, so the live pipeline (``trt-exit count --server grpc://host:800
 frame and its audio window to a server instead of running the model in-process, and many
 camera processes share the server's batches. The exit policy is the server's.
 
-A server that is not there, or goes away mid-stream, is retried a bounded number of times with a
-growing wait; then :class:`~trt_exit.serving.environment.ServingError` says which server and
-what happened. A request the server refuses (bad values) is an :class:`InputError`, not retried.
+A server that is not there when the executor opens is retried for ``connect_s`` (a server still
+starting); one that stops answering mid-stream (a restart, a crash, a network glitch) is retried
+for ``reconnect_s`` with a fresh connection each time, so a rolling restart of the server costs
+the clients a pause, not their run. While Triton shuts down or starts it answers ``NOT_FOUND``
+for the model it is unloading or loading; that is retried like a refused connection. Then
+:class:`~trt_exit.serving.environment.ServingError` says which server and what happened (and
+that it was stopping, when it was). A request the server refuses (bad values) is an
+:class:`InputError`, not retried.
 """
 
 from __future__ import annotations
 
+import http.client
 import logging
+import threading
 import time
 import urllib.parse
 from typing import Any
@@ -30,7 +37,13 @@ log = logging.getLogger(__name__)
 SCHEMES = ("grpc", "http")
 #: gRPC status codes worth another try (the server is starting, restarting or overloaded).
 TRANSIENT_GRPC = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED",
-                  "StatusCode.RESOURCE_EXHAUSTED"}
+                  "StatusCode.RESOURCE_EXHAUSTED", "StatusCode.NOT_FOUND"}
+#: HTTP statuses worth another try (404: the model is unloading or loading).
+TRANSIENT_HTTP = {"404", "429", "502", "503", "504"}
+
+
+class Interrupted(KeyboardInterrupt):
+    """The stop event was set while waiting for the server to answer again."""
 
 
 def parse_server_url(url: str) -> tuple[str, str, str | None]:
@@ -53,35 +66,43 @@ class RemoteExecutor:
         manifest: The served model's manifest (or its directory): inputs and the task.
         model_name: Served model name (default: from the URL, else the manifest's name).
         timeout_s: Per-request timeout.
-        retries: Tries after the first one when the server is unreachable or times out.
-        retry_wait_s: Wait before the first retry; doubles each time.
+        connect_s: How long opening keeps trying a server that does not answer, or whose model
+            is not ready yet.
+        reconnect_s: How long a request keeps trying a server that stopped answering (is
+            restarting, crashed, or is unreachable) before :meth:`run` gives up.
+        retry_wait_s: Wait before the first retry; doubles up to ``max_wait_s``.
+        max_wait_s: Longest wait between tries (how soon a server that is back is noticed).
+        stop_event: When set (Ctrl-C, SIGTERM), a wait for the server ends at once with
+            :class:`Interrupted`.
 
     Raises:
-        ServingError: The server or the model is not ready after the retries.
+        ServingError: The server or the model is not ready within ``connect_s``.
         ConfigError: The served model's inputs differ from the manifest's.
     """
 
     def __init__(self, url: str, manifest: Manifest | str, model_name: str | None = None,
-                 timeout_s: float = 10.0, retries: int = 4, retry_wait_s: float = 0.25):
+                 timeout_s: float = 10.0, connect_s: float = 4.0, reconnect_s: float = 60.0,
+                 retry_wait_s: float = 0.25, max_wait_s: float = 1.0,
+                 stop_event: threading.Event | None = None):
         self.url = url
         self.manifest = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
         self.scheme, self.address, url_model = parse_server_url(url)
         self.model_name = model_name or url_model or self.manifest.name
         self.timeout_s = timeout_s
-        self.retries = retries
+        self.connect_s = connect_s
+        self.reconnect_s = reconnect_s
         self.retry_wait_s = retry_wait_s
+        self.max_wait_s = max_wait_s
+        self.stop_event = stop_event or threading.Event()
         self.num_exits = self.manifest.num_exits
         self.policy = None
         self._module = require(f"tritonclient.{self.scheme}", "serve",
                                f"sending frames to a Triton server over {self.scheme}")
         self._utils = require("tritonclient.utils", "serve", "the Triton client")
-        if self.scheme == "grpc":
-            self._client = self._module.InferenceServerClient(self.address)
-        else:
-            self._client = self._module.InferenceServerClient(
-                self.address, connection_timeout=timeout_s, network_timeout=timeout_s)
+        self._client = None
+        self._connect()
         try:
-            self._with_retries("check that the model is ready", self._check_model)
+            self._with_retries("check that the model is ready", self._check_model, connect_s)
         except BaseException:
             self.close()
             raise
@@ -92,6 +113,16 @@ class RemoteExecutor:
         client, self._client = getattr(self, "_client", None), None
         if client is not None:
             client.close()
+
+    def _connect(self) -> None:
+        """A fresh client (a new gRPC channel has no reconnection backoff left over from an
+        outage; a new HTTP pool has no connection the old server closed)."""
+        self.close()
+        if self.scheme == "grpc":
+            self._client = self._module.InferenceServerClient(self.address)
+        else:
+            self._client = self._module.InferenceServerClient(
+                self.address, connection_timeout=self.timeout_s, network_timeout=self.timeout_s)
 
     def __enter__(self) -> "RemoteExecutor":
         return self
@@ -119,7 +150,7 @@ class RemoteExecutor:
         parts = []
         for start in range(0, batch, self.max_batch):  # the server refuses larger batches
             chunk = {name: value[start:start + self.max_batch] for name, value in feeds.items()}
-            parts.append(self._with_retries("infer", self._infer, chunk))
+            parts.append(self._with_retries("infer", self._infer, self.reconnect_s, chunk))
         latency_ms = (time.perf_counter() - began) * 1e3
         if ERROR in self._output_names:
             reasons = {bytes(e).decode() for reply in parts
@@ -164,28 +195,56 @@ class RemoteExecutor:
                               f"{self.manifest.path} describes {expected}: serve this model "
                               f"directory, or pass the one the server runs")
 
-    def _with_retries(self, what: str, call, *args):
+    def _with_retries(self, what: str, call, budget_s: float, *args):
+        """``call(*args)``, tried again while the server does not answer or is stopping or
+        starting, for up to ``budget_s`` after the first failure (which may itself have taken
+        ``timeout_s``: a server that accepts requests but never answers them)."""
+        began = None
         wait = self.retry_wait_s
-        for attempt in range(self.retries + 1):
+        tries, stopping = 0, False
+        while True:
+            tries += 1
             try:
-                return call(*args)
+                result = call(*args)
             except self._utils.InferenceServerException as exc:
                 status = str(exc.status() or "")
-                if self.scheme == "grpc" and status not in TRANSIENT_GRPC:
-                    raise self._refused(exc) from exc
-                if self.scheme == "http" and status.isdigit() and 400 <= int(status) < 500:
+                transient = TRANSIENT_GRPC if self.scheme == "grpc" else TRANSIENT_HTTP
+                if status not in transient and not (self.scheme == "http" and not status):
                     raise self._refused(exc) from exc
                 error = exc
-            except (OSError, ServingError) as exc:  # refused, reset, timed out; model not ready
-                error = exc
-            if attempt < self.retries:
-                log.warning("server %s: %s failed (%s); retrying in %.2f s", self.url, what,
-                            _one_line(error), wait)
-                time.sleep(wait)
-                wait *= 2
-        raise ServingError(f"server {self.url} did not answer ({what}) after {self.retries + 1} "
-                           f"tries: {_one_line(error)}; start it with trt-exit serve, or check "
-                           f"the address") from error
+                # Triton answers NOT_FOUND for a model it is unloading or has not loaded yet.
+                unloaded = status in ("StatusCode.NOT_FOUND", "404")
+            except (OSError, http.client.HTTPException, ServingError) as exc:
+                error, unloaded = exc, False  # refused, reset, closed, timed out; not ready yet
+            else:
+                if began is not None:
+                    log.warning("server %s answers again (%s, after %.1f s)", self.url, what,
+                                time.monotonic() - began)
+                return result
+            began = time.monotonic() if began is None else began
+            waited = time.monotonic() - began
+            if waited + wait > budget_s:
+                stopping = stopping or unloaded
+                break
+            if tries == 1 or (unloaded and not stopping):  # what happened, and when it changes
+                state = (f"its model {self.model_name!r} is not available: the server is stopping "
+                         f"or restarting" if unloaded else _one_line(error))
+                log.warning("server %s: %s failed (%s); trying again for up to %.0f s", self.url,
+                            what, state, budget_s - waited)
+            stopping = stopping or unloaded
+            if self.stop_event.wait(wait):
+                raise Interrupted(f"stopped while waiting for server {self.url}")
+            wait = min(wait * 2, self.max_wait_s)
+            self._connect()
+        if stopping:
+            raise ServingError(
+                f"server {self.url} stopped serving model {self.model_name!r} (it was stopping or "
+                f"restarting) and did not serve it again within {budget_s:g} s ({tries} tries; "
+                f"last: {_one_line(error)}); restart it (trt-exit serve), or allow more time "
+                f"(trt-exit count --reconnect-s)") from error
+        raise ServingError(f"server {self.url} did not answer ({what}) within {budget_s:g} s "
+                           f"({tries} tries): {_one_line(error)}; start it with trt-exit serve, "
+                           f"or check the address") from error
 
     def _refused(self, exc) -> Exception:
         message = _one_line(exc)

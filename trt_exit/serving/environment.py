@@ -10,11 +10,13 @@ attribute '_recursion_count'``. Putting this interpreter's ``LIBDIR`` first on
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 
 from trt_exit.errors import TrtExitError, require
@@ -79,7 +81,7 @@ def free_port(address: str = "127.0.0.1") -> int:
 
 def bundled_tritonserver(workdir: str | os.PathLike) -> tuple[Path, Path]:
     """Lays out the ``tritonserver`` that ships in the nvidia-pytriton wheel, with the
-    Python-backend stub for this interpreter, under ``workdir``.
+    Python-backend stub for this interpreter, under ``workdir`` (once; later calls reuse it).
 
     Returns:
         The ``tritonserver`` binary and the backend directory to pass as
@@ -93,10 +95,36 @@ def bundled_tritonserver(workdir: str | os.PathLike) -> tuple[Path, Path]:
         raise ServingError(f"nvidia-pytriton has no Python-backend stub for Python {version} "
                            f"(looked for {stub})")
     root = Path(workdir) / "tritonserver"
-    if not root.exists():
-        shutil.copytree(dist, root, ignore=shutil.ignore_patterns("python_backend_stubs"))
-        shutil.copy2(stub, root / "backends" / "python" / "triton_python_backend_stub")
+    if not root.exists():  # copied aside, then renamed: a concurrent first run sees all or none
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".tritonserver-", dir=workdir))
+        try:
+            shutil.copytree(dist, staging / "tritonserver",
+                            ignore=shutil.ignore_patterns("python_backend_stubs"))
+            shutil.copy2(stub, staging / "tritonserver" / "backends" / "python"
+                         / "triton_python_backend_stub")
+            with contextlib.suppress(OSError):  # another run was faster
+                os.rename(staging / "tritonserver", root)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return root / "bin" / "tritonserver", root / "backends"
+
+
+def pytriton_home() -> Path:
+    """PyTriton's home (``$PYTRITON_HOME``, default ``~/.cache/pytriton``)."""
+    require_pytriton("serving")
+    from pytriton.constants import PYTRITON_HOME
+
+    return Path(PYTRITON_HOME)
+
+
+def bundled_tritonserver_dir() -> Path:
+    """Where :func:`bundled_tritonserver` keeps its copy for ``trt-exit tritonserver``: one per
+    nvidia-pytriton version and Python version, in PyTriton's home."""
+    from importlib.metadata import version
+
+    return pytriton_home() / (f"bundled-{version('nvidia-pytriton')}-"
+                              f"py{sys.version_info[0]}.{sys.version_info[1]}")
 
 
 def tritonserver_environment() -> dict[str, str]:

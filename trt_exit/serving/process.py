@@ -87,17 +87,23 @@ class ServerProcess:
 
     @classmethod
     def serve(cls, model_dir: str | os.PathLike, ports: ServerPorts, model_name: str,
-              log: str | os.PathLike, *options: str) -> "ServerProcess":
-        """``trt-exit serve model_dir`` (this interpreter) with ``ports`` and ``options``."""
+              log: str | os.PathLike, *options: str,
+              home: str | os.PathLike | None = None) -> "ServerProcess":
+        """``trt-exit serve model_dir`` (this interpreter) with ``ports`` and ``options``.
+
+        ``home``: PyTriton's home (``PYTRITON_HOME``: the servers' records and workspaces);
+        default: a new directory removed on stop, so that a test or benchmark that kills its
+        server leaves nothing in ``~/.cache/pytriton``. Servers that share a home clean up after
+        each other (see :mod:`~trt_exit.serving.leftovers`)."""
         command = [sys.executable, "-m", "trt_exit", "serve", str(model_dir),
                    "--address", ports.address, "--http-port", str(ports.http),
                    "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics),
                    "--exit-timeout-s", "3", *options]
-        # PyTriton's workspace (a copy of tritonserver) in a directory removed on stop, not in
-        # ~/.cache, where a killed server would leave it; short, as it holds Unix sockets.
-        home = tempfile.mkdtemp(prefix="pytriton-")
-        server = cls(command, ports, model_name, log, env={**os.environ, "PYTRITON_HOME": home})
-        server.scratch = home
+        # Short: the workspace in it holds Unix sockets (at most 107 bytes a path).
+        scratch = None if home is not None else tempfile.mkdtemp(prefix="pytriton-")
+        server = cls(command, ports, model_name, log,
+                     env={**os.environ, "PYTRITON_HOME": str(home or scratch)})
+        server.scratch = scratch
         return server
 
     @classmethod
@@ -181,19 +187,26 @@ class ServerProcess:
             shutil.rmtree(self.scratch, ignore_errors=True)
         return status
 
-    def _kill_group(self) -> int:
-        """Kills what is left of the server's process group (a Python-backend stub that missed
-        the shutdown); returns how many processes that was."""
+    def _kill_group(self, grace_s: float = 2.0) -> int:
+        """Kills what is left of the server's process group a moment (``grace_s``) after the
+        server exited (a Python-backend stub that missed the shutdown; not the helpers that end
+        with their parent, such as multiprocessing's resource tracker); returns how many
+        processes that was."""
         pgid = self.process.pid
-        members = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    if os.getpgid(int(entry.name)) == pgid and int(entry.name) != os.getpid():
-                        members.append(int(entry.name))
-                except (ProcessLookupError, PermissionError):
-                    continue
-        alive = [pid for pid in members if _state(pid) not in ("Z", "X", "")]
+        deadline = time.monotonic() + grace_s
+        while True:
+            members = []
+            for entry in Path("/proc").iterdir():
+                if entry.name.isdigit():
+                    try:
+                        if os.getpgid(int(entry.name)) == pgid and int(entry.name) != os.getpid():
+                            members.append(int(entry.name))
+                    except (ProcessLookupError, PermissionError):
+                        continue
+            alive = [pid for pid in members if _state(pid) not in ("Z", "X", "")]
+            if not alive or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         if members:
             try:
                 os.killpg(pgid, signal.SIGKILL)

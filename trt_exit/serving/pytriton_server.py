@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,11 @@ from trt_exit.manifest import Manifest
 from trt_exit.serving.environment import (
     ServingError,
     check_port_free,
+    pytriton_home,
     require_pytriton,
     stub_environment,
 )
+from trt_exit.serving.leftovers import TRITON_TMP, ServerRecord, clean_stale_servers
 from trt_exit.serving.model_io import (
     ERROR,
     exit_counts,
@@ -43,6 +46,9 @@ log = logging.getLogger(__name__)
 #: Triton endpoints PyTriton protects with a token by default. ``statistics`` (per-batch-size
 #: counts, read-only) is left open so load tests and dashboards can read the batches formed.
 PROTECTED_ENDPOINTS = ["shared-memory", "model-repository", "trace", "logging"]
+#: How often a serving process records the shared memory its server uses (for the cleanup
+#: after a crash, see leftovers.py).
+REFRESH_S = 2.0
 
 
 @dataclass
@@ -86,7 +92,9 @@ class ModelServer:
     """A running ``trt-exit serve``: Triton with the model bound, executors open.
 
     Entering starts the server and returns once the model is ready; leaving (or :meth:`stop`)
-    stops Triton and closes the executors.
+    stops Triton, removes what it leaves (processes, shared memory, temporary directories; see
+    :mod:`~trt_exit.serving.leftovers`) and closes the executors. Starting first removes what
+    servers that died without stopping left behind.
 
     Raises:
         ServingError: A port is in use, or the server did not start.
@@ -105,6 +113,7 @@ class ModelServer:
         self._stopped = threading.Event()
         self._executors: list[Any] = []
         self._triton = None
+        self._record: ServerRecord | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -131,6 +140,11 @@ class ModelServer:
         c = self.config
         if c.instances < 1:
             raise ServingError(f"--instances must be at least 1, got {c.instances}")
+        # Before the port checks: a dead server's tritonserver may still hold the ports.
+        home = pytriton_home()
+        for cleaned in clean_stale_servers(home):
+            log.warning("cleaned up after trt-exit serve (pid %s), which did not stop cleanly: "
+                        "%s", cleaned.pid, cleaned.describe())
         for option, port in (("--http-port", c.http_port), ("--grpc-port", c.grpc_port),
                              ("--metrics-port", c.metrics_port)):
             check_port_free(c.address, port, option)
@@ -147,7 +161,9 @@ class ModelServer:
             http_port=c.http_port, grpc_port=c.grpc_port, metrics_port=c.metrics_port,
             exit_timeout_secs=c.exit_timeout_s, log_file=Path(c.log_file) if c.log_file else None,
         )
-        self._triton = Triton(config=triton_config,
+        self._record = ServerRecord.create(home)
+        workspace = self._record.workspace if self._record is not None else None
+        self._triton = Triton(config=triton_config, workspace=workspace,
                               security_config=TritonSecurityConfig(
                                   restricted_endpoints=list(PROTECTED_ENDPOINTS)))
         as_tensor = lambda io: Tensor(name=io.name, shape=io.dims,  # noqa: E731
@@ -161,21 +177,36 @@ class ModelServer:
                 max_queue_delay_microseconds=c.max_queue_delay_us)),
             strict=True,
         )
+        python_envs = set(TRITON_TMP.glob("python_env_*"))
         try:
             self._triton.run()
         except Exception as exc:  # PyTriton raises its own types (and TimeoutError)
             raise ServingError(f"tritonserver did not start ({type(exc).__name__}: {exc}); see "
                                f"its log above") from exc
+        if self._record is not None:
+            self._record.note_python_env(python_envs)
+            self._record.refresh()
 
     def stop(self) -> None:
-        """Stops Triton (waiting up to ``exit_timeout_s`` for in-flight requests) and closes
-        the executors. Safe to call more than once."""
+        """Stops Triton (waiting up to ``exit_timeout_s`` for in-flight requests), removes what
+        it left and closes the executors. Safe to call more than once."""
         self._stopped.set()
+        crashed = False
         if self._triton is not None:
-            started = _descendants(os.getpid())  # tritonserver and its Python-backend stubs
+            if self._record is not None:
+                self._record.refresh()
+            crashed = not self._triton.is_alive()
             self._triton.stop()
             self._triton = None
-            _kill_leftovers(started)
+        if self._record is not None:
+            cleaned, self._record = self._record.close(), None
+            if cleaned.killed and crashed:
+                log.warning("tritonserver exited unexpectedly; stopped what it left running "
+                            "and removed its shared memory: %s", cleaned.describe())
+            elif cleaned.killed:
+                log.warning("tritonserver exited before its Python backend had unloaded the model "
+                            "(it waits --exit-timeout-s %d s for requests in flight, then exits): "
+                            "%s", self.config.exit_timeout_s, cleaned.describe())
         while self._executors:
             self._executors.pop().close()
 
@@ -185,6 +216,7 @@ class ModelServer:
         Returns:
             ``"stopped"`` or ``"server_exited"``.
         """
+        refreshed = time.monotonic()
         while not self._stopped.is_set():
             if stop_event is not None and stop_event.wait(poll_s):
                 return "stopped"
@@ -192,6 +224,9 @@ class ModelServer:
                 self._stopped.wait(poll_s)
             if self._triton is not None and not self._triton.is_alive():
                 return "server_exited"
+            if self._record is not None and time.monotonic() - refreshed > REFRESH_S:
+                self._record.refresh()
+                refreshed = time.monotonic()
         return "stopped"
 
     # ------------------------------------------------------------------ serving
@@ -240,43 +275,3 @@ class ModelServer:
         return out
 
 
-def _stat(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name (state, ppid, ...), or None."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def _descendants(pid: int) -> dict[int, str]:
-    """Processes descended from ``pid``, with their start times (from /proc; empty where
-    there is no /proc)."""
-    stats = {int(e.name): _stat(int(e.name)) for e in Path("/proc").glob("[0-9]*")}
-    parents = {child: int(fields[1]) for child, fields in stats.items() if fields}
-    found: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return {child: stats[child][19] for child in found if stats.get(child)}
-
-
-def _kill_leftovers(started: dict[int, str]) -> None:
-    """Kills those of ``started`` (this server's own child processes, by pid and start time)
-    still running after Triton stopped: tritonserver can exit at its exit timeout before a
-    Python-backend stub has unloaded, and the stub then ignores SIGTERM and would linger."""
-    import signal
-
-    left = []
-    for pid, start_time in started.items():
-        fields = _stat(pid)
-        if fields and fields[19] == start_time and fields[0] not in ("Z", "X"):
-            left.append(pid)
-    for pid in left:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    if left:
-        log.warning("killed %d process(es) tritonserver left running after its exit timeout",
-                    len(left))

@@ -154,7 +154,9 @@ The server's Python backend must import `trt_exit`: install it (with the `onnxru
 
 for example in NVIDIA's container (`nvcr.io/nvidia/tritonserver:<yy.mm>-py3`, mount this
 directory and `pip install trt-exit` inside it first), or on a Jetson with the Triton release for
-JetPack. If Python was not installed by the system (pyenv, conda) and loading fails with
+JetPack. Without a Triton install, `trt-exit tritonserver --model-repository=$PWD` runs the
+tritonserver bundled with nvidia-pytriton (`pip install 'trt-exit[serve]'`). If Python was not
+installed by the system (pyenv, conda) and loading fails with
 `'_thread.RLock' object has no attribute '_recursion_count'`, put that Python's library
 directory first: `export LD_LIBRARY_PATH=$(python3 -c "import sysconfig;
 print(sysconfig.get_config_var('LIBDIR'))"):$LD_LIBRARY_PATH`.
