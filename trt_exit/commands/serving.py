@@ -167,15 +167,15 @@ def register(subparsers) -> None:
         epilog="example: trt-exit triton-repo runs/demo --out triton_repo\n"
                "         trt-exit tritonserver --model-repository=triton_repo -- --log-verbose=1\n"
                "Ctrl-C stops it. See docs/serving.md.")
-    p.add_argument("--model-repository", required=True, metavar="REPO", dest="repository",
+    p.add_argument("--model-repository", type=PATH, required=True, metavar="REPO", dest="repository",
                    help="model repository (written by trt-exit triton-repo)")
-    p.add_argument("--address", default="127.0.0.1",
+    p.add_argument("--address", type=TEXT, default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     p.add_argument("--http-port", type=PORT, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--grpc-port", type=PORT, default=8001, help="gRPC port (default 8001)")
     p.add_argument("--metrics-port", type=PORT, default=8002,
                    help="Prometheus metrics port (default 8002)")
-    p.add_argument("tritonserver_options", nargs=argparse.REMAINDER, metavar="-- OPTIONS",
+    p.add_argument("tritonserver_options", type=TEXT, nargs=argparse.REMAINDER, metavar="-- OPTIONS",
                    help="more tritonserver options, after --")
     p.set_defaults(func=_tritonserver)
 
