@@ -58,6 +58,7 @@ def train_step(out_dir: str | os.PathLike, model: str, dataset: str, train_confi
     splits = load_splits(dataset, train_config.seed, dataset_options)
     seed_everything(train_config.seed)
     net = create_model(model, exits=list(exits)) if exits else create_model(model)
+    check_inputs_fit(net, splits["train"])
     history = train(net, splits["train"], train_config, val_set=splits["val"], progress=progress)
     val_metrics = evaluate(net, splits["val"])
     save_checkpoint(net, out_dir / CHECKPOINT_NAME, extra={
@@ -67,6 +68,20 @@ def train_step(out_dir: str | os.PathLike, model: str, dataset: str, train_confi
         "val_metrics": val_metrics,
     })
     return net, splits, history
+
+
+def check_inputs_fit(net, dataset) -> None:
+    """Raises a one-line :class:`ConfigError` when ``dataset``'s inputs do not have the shapes
+    ``net`` takes (e.g. MNIST's 28x28 images for the 8x8 digits model)."""
+    if not isinstance(dataset, Dataset):
+        return  # streaming splits are shaped by their own transform
+    for name, shape in net.input_shapes().items():
+        array = dataset.inputs.get(name)
+        if array is not None and tuple(array.shape[1:]) != tuple(shape):
+            raise ConfigError(
+                f"{dataset.name} has {name} inputs of shape {tuple(array.shape[1:])}, but model "
+                f"{net.config.name} takes {tuple(shape)}: choose a model for this dataset "
+                f"(e.g. --model multi_exit_vit_mnist for mnist and mnist_c)")
 
 
 def dataset_of(manifest: Manifest) -> dict[str, Any]:

@@ -344,6 +344,30 @@ def multi_exit_vit_digits() -> ModelConfig:
     )
 
 
+MNIST_PREPROCESSING = {
+    "source": "MNIST 28x28 pixels with values in [0, 1) (the mnist and mnist_c datasets)",
+    "mean": 0.5,
+    "std": 0.5,
+    "formula": "x = (pixels - mean) / std",
+    "layout": "NCHW float32",
+}
+
+
+@register_model
+def multi_exit_vit_mnist() -> ModelConfig:
+    """MNIST: 28x28 digits, 7x7 patches (16 tokens, as the digits model), width 64, 8 blocks,
+    exits after blocks 2, 4, 6: the digits model's compute per sample, on 28x28 inputs."""
+    return ModelConfig(
+        name="multi_exit_vit_mnist",
+        backbone_options=dict(img_size=28, patch_size=7, in_chans=1, embed_dim=64, depth=8,
+                              num_heads=4, mlp_ratio=2.0, drop_path_rate=0.1),
+        exits=[ExitSpec(2, "mlp"), ExitSpec(4, "mlp"), ExitSpec(6, "mlp")],
+        num_outputs=10,
+        preprocessing=dict(MNIST_PREPROCESSING),
+        class_names=[str(d) for d in range(10)],
+    )
+
+
 @register_model
 def multi_exit_vit_tiny_test() -> ModelConfig:
     """A tiny model for tests: width 16, 3 blocks, an MLP exit and an SL-ViT exit."""
