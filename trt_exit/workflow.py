@@ -147,7 +147,7 @@ def tune_step(manifest: Manifest, val: Dataset, backend: str = "onnxruntime",
     from trt_exit.profiling.timers import measure_stage_latency
     from trt_exit.runtime.executor import Executor
     from trt_exit.runtime.policies import AllExitsPolicy
-    from trt_exit.runtime.tuning import tune_thresholds
+    from trt_exit.runtime.tuning import state_providers, tune_thresholds
 
     if isinstance(profile_repeats, bool) or not isinstance(profile_repeats, int) or profile_repeats < 1:
         raise ConfigError(f"profile_repeats must be a positive number of runs, got {profile_repeats!r}")
@@ -158,7 +158,8 @@ def tune_step(manifest: Manifest, val: Dataset, backend: str = "onnxruntime",
         backend_info = executor.backend.describe()
     tuning = tune_thresholds(results.all_outputs, results.all_confidences, val.targets,
                              manifest.task, stage_ms, max_loss,
-                             floor_confidence=floor_confidence)
+                             floor_confidence=floor_confidence,
+                             state_providers=state_providers(manifest))
     manifest.tuning[precision] = {**tuning.to_dict(), "split": val.name, "samples": len(val),
                                   "backend": backend_info["backend"], "stage_latency_ms": stage_ms}
     if apply:

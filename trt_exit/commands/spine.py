@@ -34,7 +34,10 @@ def _add_backend_options(parser: argparse.ArgumentParser) -> None:
 
 #: Training options: CLI flag -> TrainConfig field. Unset flags keep the recipe's value.
 _TRAIN_FLAGS = {"epochs": "epochs", "regime": "regime", "backbone_epochs": "backbone_epochs",
-                "lr": "lr", "batch_size": "batch_size", "seed": "seed", "threads": "num_threads"}
+                "lr": "lr", "batch_size": "batch_size", "seed": "seed", "threads": "num_threads",
+                "distill": "distill_weight", "distill_temperature": "distill_temperature",
+                "finetune_epochs": "finetune_epochs", "finetune_lr": "finetune_lr",
+                "calibrate": "calibrate"}
 
 
 def _add_train_options(parser: argparse.ArgumentParser, recipe: str) -> None:
@@ -52,6 +55,17 @@ def _add_train_options(parser: argparse.ArgumentParser, recipe: str) -> None:
     group.add_argument("--seed", type=SEED, default=0, help="seed of split, init and training (0)")
     group.add_argument("--exits", help="early exits as BLOCK:TYPE,... (e.g. 2:mlp,4:slvit,6:mlp) "
                                        "replacing the model's; TYPE is a registered exit family")
+    group.add_argument("--distill", type=number(0.0, 1.0), metavar="WEIGHT",
+                       help="self-distillation: each early exit also learns the final head's "
+                            "softened outputs, with this weight against the labels (0..1)")
+    group.add_argument("--distill-temperature", type=POSITIVE, metavar="T",
+                       help="softmax temperature of distillation")
+    group.add_argument("--finetune-epochs", type=NON_NEGATIVE,
+                       help="after the main phase(s), epochs of joint fine-tuning of everything")
+    group.add_argument("--finetune-lr", type=POSITIVE, help="learning rate of the fine-tune")
+    group.add_argument("--calibrate", action="store_true", default=None,
+                       help="fit one temperature per exit on the validation split after "
+                            "training (calibrated confidences; tune thresholds afterwards)")
     group.add_argument("--threads", type=THREADS, help="torch threads for training")
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
 

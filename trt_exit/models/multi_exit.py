@@ -202,12 +202,17 @@ class MultiExitModel(nn.Module):
         audio: torch.Tensor | None = None,
         state: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Exit ``index`` on ``tokens``; returns (output, state handed to the next exit)."""
+        """Exit ``index`` on ``tokens``; returns (output, state handed to the next exit).
+
+        The output is the head's, calibrated (:meth:`ExitHead.calibrated`: classification logits
+        divided by the head's temperature, 1 unless calibrated), so every exported exit graph
+        computes its confidence from the calibrated output."""
         head = self.exits[index]
         if head.carries_state:
             output, state = head(tokens, audio=audio, state=state)
-            return output, state
-        return head(tokens, audio=audio), state
+        else:
+            output = head(tokens, audio=audio)
+        return head.calibrated(output), state
 
     def forward(self, x: torch.Tensor, audio: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Outputs of every exit, the final head last: a list of (B, num_outputs).

@@ -112,13 +112,15 @@ class _Evaluator:
     """
 
     def __init__(self, confidences: np.ndarray, losses: np.ndarray, segments: np.ndarray,
-                 heads: np.ndarray, z: float = 0.0):
+                 heads: np.ndarray, z: float = 0.0,
+                 state_providers: Sequence[Sequence[int]] | None = None):
         self.conf = np.where(np.isnan(confidences), -np.inf, confidences)  # NaN: never confident
         self.loss = losses
         self.segments = segments
         self.heads = heads
         self.e1 = confidences.shape[0] - 1
         self.z = z
+        self.providers = [list(p) for p in state_providers] if state_providers else None
 
     def __call__(self, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """thresholds (M, E-1), inf = disabled. Returns loss (M,), bound (M,) and latency (M,),
@@ -145,9 +147,19 @@ class _Evaluator:
             variance = np.maximum(squares - (loss - final.mean()) ** 2, 0.0)
             bound = loss + self.z * np.sqrt(variance / n)
         enabled = np.concatenate([np.isfinite(thresholds), np.ones((m, 1), bool)], axis=1)
+        if self.providers:  # a running head runs the heads whose state it reads (as executors do)
+            for k in reversed(range(self.e1 + 1)):
+                for provider in self.providers[k]:
+                    enabled[:, provider] |= enabled[:, k]
         cumulative = np.cumsum(self.segments[None, :] + self.heads[None, :] * enabled, axis=1)
         latency = np.take_along_axis(cumulative, exits, axis=1).mean(axis=1)
         return loss, bound, latency, exits
+
+
+def state_providers(manifest) -> list[list[int]]:
+    """Per exit of ``manifest``, the exits whose state (``exit_k_state``) its graph reads."""
+    return [[int(t.name.split("_")[1]) for t in manifest.exit_stage(k).inputs
+             if t.name.endswith("_state")] for k in range(manifest.num_exits)]
 
 
 def _candidates(conf: np.ndarray, limit: int | None) -> np.ndarray:
@@ -176,6 +188,7 @@ def tune_thresholds(
     max_combinations: int = 100_000,
     curve_losses: Sequence[float] | None = None,
     floor_confidence: float | None = None,
+    state_providers: Sequence[Sequence[int]] | None = None,
 ) -> TuningResult:
     """Chooses per-exit thresholds minimizing expected latency under a metric floor.
 
@@ -192,6 +205,8 @@ def tune_thresholds(
         floor_confidence: One-sided confidence level in [0.5, 1) at which the floor must hold
             over the split's sampling noise (see the module docstring); None checks the floor
             on the split itself.
+        state_providers: Per exit, the exits whose state it reads (:func:`state_providers`):
+            their heads run whenever it runs, enabled or not, and are charged as such.
 
     Returns:
         The best operating point and the trade-off curve.
@@ -213,7 +228,7 @@ def tune_thresholds(
         raise ConfigError(f"max_loss must be a finite number >= 0, got {max_loss}")
     z = _z_score(floor_confidence)
     segments, heads = stage_costs(stage_latency_ms, num_exits)
-    evaluate = _Evaluator(confidences, losses, segments, heads, z)
+    evaluate = _Evaluator(confidences, losses, segments, heads, z, state_providers)
     e1 = num_exits - 1
 
     def point(thresholds: np.ndarray, allowed: float) -> OperatingPoint:
