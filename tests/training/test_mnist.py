@@ -176,3 +176,21 @@ def test_only_numpy_arrays_unpickle_even_with_the_pinned_hash(tmp_path, monkeypa
 
     loaded = mnist_module._ArraysOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
     np.testing.assert_array_equal(loaded[0], arrays[0])
+
+
+@needs_mnist
+def test_the_demo_runs_on_an_mnist_subset(tmp_path):
+    """The MNIST demo's plumbing (its preset, the tuning and timing subsets) at toy size: one
+    epoch on 300 images; the numbers mean nothing."""
+    import dataclasses
+
+    from trt_exit.demo import DemoConfig, run_demo
+
+    config = DemoConfig.for_dataset("mnist", dataset_options=SMALL | {"test_images": 120},
+                                    tuning_samples=30, timing_samples=12, profile_repeats=5)
+    assert config.model == "multi_exit_vit_mnist" and config.train.epochs >= 1
+    config.train = dataclasses.replace(config.train, epochs=1)
+    report = run_demo(tmp_path / "demo", config, progress=False, say=lambda line: None)
+    assert report["samples"] == 120 and report["latency"]["samples"] == 12
+    assert report["tuning"]["samples"] == 30 and report["dataset"]["name"] == "mnist"
+    assert set(report["precisions"]) >= {"fp32", "fp16", "int8"}

@@ -1,41 +1,48 @@
 """Early exits against static models of the same cost: accuracy vs latency and FLOPs.
 
 Do early exits earn their place? Only if, at equal mean latency, the multi-exit model is more
-accurate than a plain model that is simply smaller. Protocol, per dataset (``digits`` and
-``digits_c``, :mod:`trt_exit.training.digits_c`):
+accurate than a plain model that is simply smaller. Protocol, per dataset (``digits``,
+``digits_c`` (:mod:`trt_exit.training.digits_c`), ``mnist`` and ``mnist_c``
+(:mod:`trt_exit.training.mnist`)) and seed:
 
-1. **Models**, all trained with the same recipe (the demo's, :data:`DEMO_TRAIN`, same epochs),
-   from scratch, on the dataset's train split:
+1. **Models**, all on the same training budget (:data:`DEFAULT_TRAIN`: epochs x samples,
+   learning rate, batch size, augmentation), from scratch, on the dataset's train split:
 
-   * the multi-exit model (``multi_exit_vit_digits``: exits after blocks 2, 4, 6 of 8);
+   * the multi-exit model (:data:`DEFAULT_MODELS`: exits after blocks 2, 4, 6 of 8), once per
+     training recipe (:attr:`ParetoConfig.recipes`, :mod:`trt_exit.training.recipes`:
+     end to end, two-phase, self-distillation, ensemble exits, calibration);
    * static baselines: the same backbone truncated to ``k`` blocks with its own final head and
-     no early exits, for k in :attr:`ParetoConfig.static_depths`; k = 8 is the full model
-     without exits.
+     no early exits, trained end to end on the labels, for k in
+     :attr:`ParetoConfig.static_depths`; k = 8 is the full model without exits.
 
 2. **Operating points** of the multi-exit model: the tuner
    (:func:`trt_exit.runtime.tuning.tune_thresholds`) chooses thresholds on the validation split
    for every accuracy floor in :attr:`ParetoConfig.floors_points` (accuracy points allowed
-   below the final exit), on a subset stratified by corruption and severity for digits-C
-   (:attr:`ParetoConfig.tuning_per_cell`: the tuner's search grows with the square of the
-   samples). Each point is applied to the test split by the executor (ONNX
+   below the final exit), on a subset stratified by corruption and severity (or by class)
+   (:attr:`ParetoConfig.tuning_per_cell`), after the recipe's calibration, if any. Each point is applied to the test split by the executor (ONNX
    Runtime, batched) and its accuracy, exit histogram and mean exit block are computed on the
-   whole split, pooled and per severity (digits-C).
+   whole split, pooled and per severity (digits-C, MNIST-C).
 
 3. **Latency**: ONNX Runtime (the project's CPU backend, default session options), FP32,
    batch 1; torch trains with :attr:`ParetoConfig.num_threads` threads. Every static model
    (its one-graph export) and every operating point (the stage chain with its thresholds) is
    timed on the same timing subset of the test split (stratified by corruption and severity),
+   every recipe's points together,
    interleaved per sample in rotating order, for several rounds; a configuration's latency on a
    sample is the median over rounds, and its mean latency (pooled, or per severity) is the mean
    of those over the subset's samples. **FLOPs** per sample (:func:`trt_exit.models.flops.model_costs`):
    a static model's forward pass; an operating point's mean over the test split of the segments
-   and enabled exit heads each sample ran.
+   and exit heads each sample ran (enabled heads, and the heads whose state they read).
 
 4. **Comparison**: the static frontier is the upper concave hull of the static models'
    (latency, accuracy) points (any point on it is reachable by sending a random share of inputs
    to each of two static models). An operating point *wins* when its accuracy is above the
    frontier at its latency, *loses* when below, and has *no static rival* when it is faster
    than the fastest static model.
+
+5. **Seeds**: with several, every accuracy, latency and FLOPs count is the mean over the seeds
+   (operating points: at each floor), verdicts are taken on the means, and each seed's own
+   verdicts are kept.
 
 :func:`run_pareto` writes ``results.json``, the plots and ``RESULTS.md`` into one directory.
 """
@@ -295,6 +302,7 @@ def _static_models(model: str, splits: dict, config: ParetoConfig, train: TrainC
                    groups: dict[str, np.ndarray], work_dir: Path, info: dict,
                    say: Callable[[str], None]) -> list[dict[str, Any]]:
     from trt_exit.runtime.executor import Executor
+    from trt_exit.workflow import run_split
 
     test = splits["test"]
     static = []
@@ -303,7 +311,7 @@ def _static_models(model: str, splits: dict, config: ParetoConfig, train: TrainC
             static_model_config(model, depth), splits, train, work_dir / f"static_{depth}", info,
             say)
         with Executor(manifest, "onnxruntime", "fp32") as executor:
-            predictions = executor.run_full_model(test.inputs).output.argmax(axis=1)
+            predictions = run_split(executor, test.inputs, full_model=True).output.argmax(axis=1)
         correct = predictions == test.targets
         static.append({"blocks": depth, "params": int(sum(p.numel() for p in net.parameters())),
                        "flops": float(costs["exits"][-1]["cumulative_flops"]),
@@ -322,6 +330,7 @@ def _multi_exit(model: str, recipe, splits: dict, config: ParetoConfig, seed: in
     from trt_exit.runtime.executor import Executor
     from trt_exit.runtime.policies import AllExitsPolicy, ThresholdPolicy
     from trt_exit.runtime.tuning import state_providers, tune_thresholds
+    from trt_exit.workflow import run_split
 
     val, test = splits["val"], splits["test"]
     base = model_config(model)
@@ -335,18 +344,18 @@ def _multi_exit(model: str, recipe, splits: dict, config: ParetoConfig, seed: in
         stage_ms = measure_stage_latency(chain, {k: v[:1] for k, v in val.inputs.items()},
                                          repeats=50)
         tune_set = val.subset(_tuning_subset(val, config.tuning_per_cell, seed))
-        on_val = chain.run(tune_set.inputs, AllExitsPolicy())
+        on_val = run_split(chain, tune_set.inputs, AllExitsPolicy())
         tuning = tune_thresholds(on_val.all_outputs, on_val.all_confidences, tune_set.targets,
                                  manifest.task, stage_ms, max_loss=floors[0] / 100,
                                  curve_losses=[f / 100 for f in floors],
                                  state_providers=providers)
-        on_test = chain.run(test.inputs, AllExitsPolicy())
+        on_test = run_split(chain, test.inputs, AllExitsPolicy())
         exits_accuracy = {g: [float((on_test.all_outputs[k][m].argmax(axis=1)
                                      == test.targets[m]).mean())
                               for k in range(manifest.num_exits)] for g, m in groups.items()}
         points = []
         for floor, point in zip(floors, tuning.points):
-            result = chain.run(test.inputs, ThresholdPolicy(point.thresholds))
+            result = run_split(chain, test.inputs, ThresholdPolicy(point.thresholds))
             correct = result.output.argmax(axis=1) == test.targets
             path_flops = _path_flops(costs, point.thresholds, providers)
             entry = {"floor_points": floor, "thresholds": point.thresholds,

@@ -335,18 +335,25 @@ DIGITS_PREPROCESSING = {
 }
 
 
-@register_model
-def multi_exit_vit_digits() -> ModelConfig:
-    """The demo model: 8x8 digits, 2x2 patches, width 64, 8 blocks, exits after blocks 2, 4, 6."""
+def _ten_digits(name: str, preprocessing: dict[str, Any], **backbone: Any) -> ModelConfig:
+    """A digit classifier: width 64, 8 blocks, 4 heads, MLP exits after blocks 2, 4 and 6."""
     return ModelConfig(
-        name="multi_exit_vit_digits",
-        backbone_options=dict(img_size=8, patch_size=2, in_chans=1, embed_dim=64, depth=8,
-                              num_heads=4, mlp_ratio=2.0, drop_path_rate=0.1),
+        name=name,
+        backbone_options=dict(in_chans=1, embed_dim=64, depth=8, num_heads=4, mlp_ratio=2.0,
+                              **backbone),
         exits=[ExitSpec(2, "mlp"), ExitSpec(4, "mlp"), ExitSpec(6, "mlp")],
         num_outputs=10,
-        preprocessing=dict(DIGITS_PREPROCESSING),
+        preprocessing=dict(preprocessing),
         class_names=[str(d) for d in range(10)],
     )
+
+
+@register_model
+def multi_exit_vit_digits() -> ModelConfig:
+    """The digits demo model: 8x8 digits, 2x2 patches, width 64, 8 blocks, exits after blocks
+    2, 4, 6."""
+    return _ten_digits("multi_exit_vit_digits", DIGITS_PREPROCESSING, img_size=8, patch_size=2,
+                       drop_path_rate=0.1)
 
 
 MNIST_PREPROCESSING = {
@@ -360,17 +367,12 @@ MNIST_PREPROCESSING = {
 
 @register_model
 def multi_exit_vit_mnist() -> ModelConfig:
-    """MNIST: 28x28 digits, 7x7 patches (16 tokens, as the digits model), width 64, 8 blocks,
-    exits after blocks 2, 4, 6: the digits model's compute per sample, on 28x28 inputs."""
-    return ModelConfig(
-        name="multi_exit_vit_mnist",
-        backbone_options=dict(img_size=28, patch_size=7, in_chans=1, embed_dim=64, depth=8,
-                              num_heads=4, mlp_ratio=2.0, drop_path_rate=0.1),
-        exits=[ExitSpec(2, "mlp"), ExitSpec(4, "mlp"), ExitSpec(6, "mlp")],
-        num_outputs=10,
-        preprocessing=dict(MNIST_PREPROCESSING),
-        class_names=[str(d) for d in range(10)],
-    )
+    """The MNIST demo model: 28x28 digits, a 16-channel 3x3 convolution stem, 7x7 patches (16
+    tokens, as the digits model), width 64, 8 blocks, exits after blocks 2, 4, 6. The stem
+    lifts test accuracy after three epochs from about 97.2 % to 98.1 % for 18 % more FLOPs
+    (11.3 instead of 9.6 MFLOPs; see the README)."""
+    return _ten_digits("multi_exit_vit_mnist", MNIST_PREPROCESSING, img_size=28, patch_size=7,
+                       stem_channels=16)
 
 
 @register_model
