@@ -19,9 +19,11 @@ def trt_exit(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory) -> Path:
-    """A short demo run (2 epochs): the report format, not the accuracy, is under test here."""
+    """A short demo run on digits (2 epochs): the report format, not the accuracy, is under test
+    here (tests/training/test_mnist.py runs the MNIST demo on a subset)."""
     out = tmp_path_factory.mktemp("demo") / "run"
-    result = trt_exit("demo", "--out", str(out), "--epochs", "2", "--passes", "1", "--no-progress")
+    result = trt_exit("demo", "--out", str(out), "--dataset", "digits", "--epochs", "2",
+                      "--passes", "1", "--no-progress")
     assert result.returncode == 0, result.stderr
     assert "speedup" in result.stdout and "final exit accuracy" in result.stdout
     return out

@@ -17,21 +17,57 @@ from typing import Any, Callable
 from trt_exit.errors import ConfigError
 from trt_exit.fileio import atomic_write_json
 from trt_exit.runtime import DEFAULT_FLOOR_CONFIDENCE
-from trt_exit.training.config import DEMO_TRAIN, TrainConfig
+from trt_exit.training.config import DEMO_TRAIN, MNIST_DEMO_TRAIN, TrainConfig
 from trt_exit.workflow import (
     CHECKPOINT_NAME,
     REPORT_NAME,
     evaluate_step,
+    evenly_spaced,
     export_step,
     train_step,
     tune_step,
 )
-from trt_exit.workflow_precision import precision_report
+from trt_exit.workflow_precision import PrecisionDemoConfig, precision_report
+
+
+@dataclass(frozen=True)
+class DemoPreset:
+    """What the demo runs on one dataset.
+
+    Attributes:
+        model: Registered model config.
+        train: Training budget (epochs, learning rate, batch size, augmentation).
+        recipe: Training recipe on that budget (:mod:`trt_exit.training.recipes`): it sets the
+            training phases and options and may replace the model's exits (ensembles).
+        max_accuracy_drop_points: Tuning floor: accuracy points allowed below the final exit.
+        tuning_samples: Tune thresholds on this many evenly spaced validation samples (None:
+            all; the tuner's search grows faster than linearly with the samples).
+        timing_samples: Time latency on this many evenly spaced test samples (None: all);
+            accuracy always covers the whole test split.
+    """
+
+    model: str
+    train: TrainConfig
+    recipe: str = "end_to_end"
+    max_accuracy_drop_points: float = 0.5
+    tuning_samples: int | None = None
+    timing_samples: int | None = None
+
+
+#: The demo's datasets: MNIST (the default; the README says why) and scikit-learn's digits.
+DEMO_PRESETS = {
+    "mnist": DemoPreset("multi_exit_vit_mnist", MNIST_DEMO_TRAIN,
+                        recipe="end_to_end+distill+ensemble+calibrate",
+                        max_accuracy_drop_points=0.25, tuning_samples=5000, timing_samples=500),
+    "digits": DemoPreset("multi_exit_vit_digits", DEMO_TRAIN),
+}
+DEMO_DATASET = "mnist"
 
 
 @dataclass
 class DemoConfig:
-    """What ``trt-exit demo`` does.
+    """What ``trt-exit demo`` does (:meth:`for_dataset` fills in a dataset's preset; the plain
+    constructor's defaults are the digits demo without a preset's subsets).
 
     Attributes:
         model: Registered model config.
@@ -50,6 +86,9 @@ class DemoConfig:
             :mod:`trt_exit.runtime.tuning`.
         latency_passes: Passes over the test split when timing (batch 1).
         profile_repeats: Timed runs per stage for the latency profile.
+        tuning_samples: See :class:`DemoPreset`.
+        timing_samples: See :class:`DemoPreset`.
+        recipe: The recipe ``train`` and ``exits`` came from (recorded in the report).
     """
 
     model: str = "multi_exit_vit_digits"
@@ -65,6 +104,27 @@ class DemoConfig:
     floor_confidence: float | None = DEFAULT_FLOOR_CONFIDENCE
     latency_passes: int = 1
     profile_repeats: int = 50
+    tuning_samples: int | None = None
+    timing_samples: int | None = None
+    recipe: str | None = None
+
+    @classmethod
+    def for_dataset(cls, dataset: str, **changes: Any) -> "DemoConfig":
+        """The demo on ``dataset`` (a key of :data:`DEMO_PRESETS`), with ``changes``."""
+        from trt_exit.models.multi_exit import model_config
+        from trt_exit.training.recipes import make_recipe
+
+        if dataset not in DEMO_PRESETS:
+            raise ConfigError(f"the demo runs on {' or '.join(DEMO_PRESETS)}, not {dataset!r}")
+        preset = DEMO_PRESETS[dataset]
+        recipe = make_recipe(preset.recipe, preset.train)
+        exits = recipe.exits(model_config(preset.model).exits)
+        fields = {"dataset": dataset, "model": preset.model, "train": recipe.train,
+                  "exits": exits if recipe.ensemble else None, "recipe": preset.recipe,
+                  "max_accuracy_drop_points": preset.max_accuracy_drop_points,
+                  "tuning_samples": preset.tuning_samples,
+                  "timing_samples": preset.timing_samples}
+        return cls(**{**fields, **changes})
 
 
 class _Phases:
@@ -142,22 +202,27 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None,
         manifest = export_step(net, out_dir, splits, dataset_info, checkpoint=config.checkpoint)
     task = manifest.task
     max_loss = config.max_accuracy_drop_points / 100 if task == "classification" else None
+    val = splits["val"]
+    tune_set = val if config.tuning_samples is None else val.subset(
+        evenly_spaced(len(val), config.tuning_samples))
     with phase("tune"):
-        manifest = tune_step(manifest, splits["val"], config.backend, config.precision, max_loss,
+        manifest = tune_step(manifest, tune_set, config.backend, config.precision, max_loss,
                              config.profile_repeats, floor_confidence=config.floor_confidence)
     with phase("evaluate"):
         report = evaluate_step(manifest, splits["test"], config.backend, config.precision,
-                               config.latency_passes)
+                               config.latency_passes, timing_samples=config.timing_samples)
     with phase("fp16 and int8"):
-        report["precisions"] = precision_report(manifest, splits, report, config.backend,
-                                                max_loss, config.seed,
-                                                floor_confidence=config.floor_confidence)
+        report["precisions"] = precision_report(
+            manifest, {**splits, "val": tune_set}, report, config.backend, max_loss, config.seed,
+            config=PrecisionDemoConfig(timing_samples=config.timing_samples),
+            floor_confidence=config.floor_confidence)
     report.update({
         "torch_test_metrics": torch_metrics,
         "parity_max_abs_diff": manifest.parity["fp32"]["max_output_diff"],
         "training": training,
         "dataset": dataset_info,
-        "tuning": {"split": splits["val"].name,
+        "recipe": config.recipe,
+        "tuning": {"split": splits["val"].name, "samples": len(tune_set),
                    "max_accuracy_drop_points": config.max_accuracy_drop_points,
                    "floor_confidence": config.floor_confidence,
                    "val_metric": manifest.tuning[config.precision]["best"]["metric"],

@@ -29,12 +29,15 @@ class PrecisionDemoConfig:
         profile_repeats: Timed runs per stage when tuning each precision.
         latency_passes: Timed passes over the test split per precision.
         warmup: Untimed samples per policy before timing.
+        timing_samples: Time latency on this many evenly spaced test samples (None: all);
+            accuracy covers the whole split.
     """
 
     calibration_samples: int = 256
     profile_repeats: int = 50
     latency_passes: int = 1
     warmup: int = 20
+    timing_samples: int | None = None
 
 
 def _summary(report: dict[str, Any]) -> dict[str, Any]:
@@ -88,7 +91,8 @@ def precision_report(manifest: Manifest, splits: dict, fp32_report: dict[str, An
                       config.profile_repeats, apply=False, floor_confidence=floor_confidence)
             # The summary keeps the early-exit and baseline latencies: only those are timed.
             report = evaluate_step(manifest, splits["test"], backend, precision,
-                                   config.latency_passes, config.warmup, time_each_exit=False)
+                                   config.latency_passes, config.warmup, time_each_exit=False,
+                                   timing_samples=config.timing_samples)
             results[precision] = _summary(report)
             change = report[final] - fp32_report[final]
             results[precision][f"{final}_change_vs_fp32"] = change

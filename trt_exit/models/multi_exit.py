@@ -202,12 +202,17 @@ class MultiExitModel(nn.Module):
         audio: torch.Tensor | None = None,
         state: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Exit ``index`` on ``tokens``; returns (output, state handed to the next exit)."""
+        """Exit ``index`` on ``tokens``; returns (output, state handed to the next exit).
+
+        The output is the head's, calibrated (:meth:`ExitHead.calibrated`: classification logits
+        divided by the head's temperature, 1 unless calibrated), so every exported exit graph
+        computes its confidence from the calibrated output."""
         head = self.exits[index]
         if head.carries_state:
             output, state = head(tokens, audio=audio, state=state)
-            return output, state
-        return head(tokens, audio=audio), state
+        else:
+            output = head(tokens, audio=audio)
+        return head.calibrated(output), state
 
     def forward(self, x: torch.Tensor, audio: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Outputs of every exit, the final head last: a list of (B, num_outputs).
@@ -330,18 +335,44 @@ DIGITS_PREPROCESSING = {
 }
 
 
-@register_model
-def multi_exit_vit_digits() -> ModelConfig:
-    """The demo model: 8x8 digits, 2x2 patches, width 64, 8 blocks, exits after blocks 2, 4, 6."""
+def _ten_digits(name: str, preprocessing: dict[str, Any], **backbone: Any) -> ModelConfig:
+    """A digit classifier: width 64, 8 blocks, 4 heads, MLP exits after blocks 2, 4 and 6."""
     return ModelConfig(
-        name="multi_exit_vit_digits",
-        backbone_options=dict(img_size=8, patch_size=2, in_chans=1, embed_dim=64, depth=8,
-                              num_heads=4, mlp_ratio=2.0, drop_path_rate=0.1),
+        name=name,
+        backbone_options=dict(in_chans=1, embed_dim=64, depth=8, num_heads=4, mlp_ratio=2.0,
+                              **backbone),
         exits=[ExitSpec(2, "mlp"), ExitSpec(4, "mlp"), ExitSpec(6, "mlp")],
         num_outputs=10,
-        preprocessing=dict(DIGITS_PREPROCESSING),
+        preprocessing=dict(preprocessing),
         class_names=[str(d) for d in range(10)],
     )
+
+
+@register_model
+def multi_exit_vit_digits() -> ModelConfig:
+    """The digits demo model: 8x8 digits, 2x2 patches, width 64, 8 blocks, exits after blocks
+    2, 4, 6."""
+    return _ten_digits("multi_exit_vit_digits", DIGITS_PREPROCESSING, img_size=8, patch_size=2,
+                       drop_path_rate=0.1)
+
+
+MNIST_PREPROCESSING = {
+    "source": "MNIST 28x28 pixels with values in [0, 1) (the mnist and mnist_c datasets)",
+    "mean": 0.5,
+    "std": 0.5,
+    "formula": "x = (pixels - mean) / std",
+    "layout": "NCHW float32",
+}
+
+
+@register_model
+def multi_exit_vit_mnist() -> ModelConfig:
+    """The MNIST demo model: 28x28 digits, a 16-channel 3x3 convolution stem, 7x7 patches (16
+    tokens, as the digits model), width 64, 8 blocks, exits after blocks 2, 4, 6. The stem
+    lifts test accuracy after three epochs from about 97.2 % to 98.1 % for 18 % more FLOPs
+    (11.3 instead of 9.6 MFLOPs; see the README)."""
+    return _ten_digits("multi_exit_vit_mnist", MNIST_PREPROCESSING, img_size=28, patch_size=7,
+                       stem_channels=16)
 
 
 @register_model

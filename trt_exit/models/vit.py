@@ -45,6 +45,9 @@ class ViTConfig:
         qkv_bias: Whether the qkv projection has a bias.
         drop_path_rate: Stochastic-depth rate of the last block (linear ramp), training only.
         dropout: Dropout after the embedding and inside MLPs, training only.
+        stem_channels: 0 for the plain patch projection; otherwise a 3x3 convolution to this
+            many channels and a GELU run first, at full resolution (a convolutional stem:
+            early convolutions make small ViTs learn faster, Xiao et al., NeurIPS 2021).
     """
 
     img_size: int | tuple[int, int] = 8
@@ -57,6 +60,7 @@ class ViTConfig:
     qkv_bias: bool = True
     drop_path_rate: float = 0.0
     dropout: float = 0.0
+    stem_channels: int = 0
 
     def validate(self) -> None:
         """Raises :class:`ConfigError` when the configuration is inconsistent."""
@@ -71,18 +75,27 @@ class ViTConfig:
             )
         if self.depth < 1:
             raise ConfigError(f"depth must be at least 1, got {self.depth}")
+        if self.stem_channels < 0:
+            raise ConfigError(f"stem_channels must be >= 0, got {self.stem_channels}")
 
 
 class PatchEmbed(nn.Module):
-    """Cuts the image into non-overlapping patches and projects each to C channels."""
+    """Cuts the image into non-overlapping patches and projects each to C channels, after an
+    optional 3x3 convolution + GELU stem of ``stem_channels`` channels."""
 
-    def __init__(self, img_size: tuple[int, int], patch_size: int, in_chans: int, dim: int):
+    def __init__(self, img_size: tuple[int, int], patch_size: int, in_chans: int, dim: int,
+                 stem_channels: int = 0):
         super().__init__()
         self.img_size = img_size
         self.grid_size = (img_size[0] // patch_size, img_size[1] // patch_size)
-        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        self.stem = (nn.Conv2d(in_chans, stem_channels, kernel_size=3, padding=1)
+                     if stem_channels else None)
+        self.proj = nn.Conv2d(stem_channels or in_chans, dim, kernel_size=patch_size,
+                              stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stem is not None:
+            x = F.gelu(self.stem(x))  # (B, S, H, W)
         x = self.proj(x)  # (B, C, Gh, Gw)
         return x.flatten(2).transpose(1, 2)  # (B, Gh*Gw, C)
 
@@ -195,7 +208,8 @@ class VisionTransformer(nn.Module):
         img_size = _pair(config.img_size)
         self.embed_dim = config.embed_dim
         self.num_heads = config.num_heads
-        self.patch_embed = PatchEmbed(img_size, config.patch_size, config.in_chans, config.embed_dim)
+        self.patch_embed = PatchEmbed(img_size, config.patch_size, config.in_chans, config.embed_dim,
+                                      config.stem_channels)
         self.grid_size = self.patch_embed.grid_size
         self.num_tokens = self.grid_size[0] * self.grid_size[1] + self.num_prefix_tokens
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.embed_dim))

@@ -20,8 +20,10 @@ disagreements on the split the normal approximation is itself optimistic: it low
 of breaking the floor on new data, it does not bound it (tests/runtime/test_tuning.py measures
 both rules on fresh samples).
 
-Search: exhaustive over a per-exit grid of confidence quantiles sized to ~1e5 combinations,
-then coordinate descent over every distinct confidence value until no step improves.
+Search: exhaustive over a per-exit grid of confidence quantiles sized to ~1e5 combinations
+(4e7 / samples on splits over 400 samples: its cost is combinations x samples), then
+coordinate descent over every distinct confidence value (1,024 quantiles per exit on larger
+splits) until no step improves.
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ DEFAULT_MAX_ACCURACY_DROP = 0.005
 DEFAULT_MAX_MAE_INCREASE_FRACTION = 0.05
 #: Per-sample values evaluated at once (combinations x samples), bounding the search's memory.
 _CHUNK_VALUES = 1 << 22
+#: Candidate thresholds per exit in the coordinate descent: every distinct confidence value up
+#: to this many, else this many quantiles (the search costs candidates x samples per step, so
+#: every distinct value of a 10,000-sample split would cost 10,000 x 10,000).
+_FINE_CANDIDATES = 1024
+#: Combinations x samples of the coarse grid at most (1e5 combinations up to 400 samples).
+_GRID_VALUES = 40_000_000
 
 
 @dataclass
@@ -112,42 +120,72 @@ class _Evaluator:
     """
 
     def __init__(self, confidences: np.ndarray, losses: np.ndarray, segments: np.ndarray,
-                 heads: np.ndarray, z: float = 0.0):
+                 heads: np.ndarray, z: float = 0.0,
+                 state_providers: Sequence[Sequence[int]] | None = None):
         self.conf = np.where(np.isnan(confidences), -np.inf, confidences)  # NaN: never confident
         self.loss = losses
         self.segments = segments
         self.heads = heads
         self.e1 = confidences.shape[0] - 1
         self.z = z
+        self.providers = [list(p) for p in state_providers] if state_providers else None
+        # (E, N) squared per-sample loss difference to the final exit (the bound's variance).
+        self.squares = np.square(losses - losses[-1][None, :])
 
     def __call__(self, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """thresholds (M, E-1), inf = disabled. Returns loss (M,), bound (M,) and latency (M,),
         computed in chunks of combinations that bound the memory per call."""
         n = self.conf.shape[1]
-        step = max(1, _CHUNK_VALUES // (n * (self.e1 + 1)))
+        step = max(1, _CHUNK_VALUES // n)
         parts = [self.with_exits(thresholds[i : i + step])[:3]
                  for i in range(0, len(thresholds), step)]
         return tuple(np.concatenate(p) for p in zip(*parts))
 
-    def with_exits(self, thresholds: np.ndarray
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """As calling it, in one piece, plus each sample's exit (M, N)."""
+    def with_exits(self, thresholds: np.ndarray, each_sample: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """As calling it, in one piece, plus (with ``each_sample``) each sample's exit (M, N).
+
+        Exit by exit, the samples still running that pass the threshold leave; their summed
+        losses (and squared loss differences to the final exit, for the bound) are one
+        matrix-vector product per exit."""
         m, n = thresholds.shape[0], self.conf.shape[1]
-        passes = self.conf[None, : self.e1, :] >= thresholds[:, :, None]  # (M, E-1, N)
-        passes = np.concatenate([passes, np.ones((m, 1, n), bool)], axis=1)  # final always exits
-        exits = passes.argmax(axis=1)  # (M, N) first passing exit
-        per_sample = self.loss[exits, np.arange(n)[None, :]]  # (M, N)
-        loss = per_sample.mean(axis=1)
+        running = np.ones((m, n), bool)
+        counts = np.zeros((m, self.e1 + 1))
+        loss_sum = np.zeros(m)
+        squares_sum = np.zeros(m)
+        exits = np.full((m, n), self.e1, np.intp) if each_sample else None
+        for k in range(self.e1 + 1):
+            if k < self.e1:
+                leave = running & (self.conf[k][None, :] >= thresholds[:, k][:, None])  # (M, N)
+                running &= ~leave
+                if each_sample:
+                    exits[leave] = k
+            else:
+                leave = running  # the final exit takes every sample left
+            weights = leave.astype(np.float64)
+            counts[:, k] = weights.sum(axis=1)
+            loss_sum += weights @ self.loss[k]
+            if self.z:
+                squares_sum += weights @ self.squares[k]
+        loss = loss_sum / n
         bound = loss
         if self.z:
-            final = self.loss[-1]
-            squares = np.square(per_sample - final[None, :]).mean(axis=1)  # (M,) vs. the final exit
-            variance = np.maximum(squares - (loss - final.mean()) ** 2, 0.0)
+            variance = np.maximum(squares_sum / n - (loss - self.loss[-1].mean()) ** 2, 0.0)
             bound = loss + self.z * np.sqrt(variance / n)
         enabled = np.concatenate([np.isfinite(thresholds), np.ones((m, 1), bool)], axis=1)
+        if self.providers:  # a running head runs the heads whose state it reads (as executors do)
+            for k in reversed(range(self.e1 + 1)):
+                for provider in self.providers[k]:
+                    enabled[:, provider] |= enabled[:, k]
         cumulative = np.cumsum(self.segments[None, :] + self.heads[None, :] * enabled, axis=1)
-        latency = np.take_along_axis(cumulative, exits, axis=1).mean(axis=1)
+        latency = (counts * cumulative).sum(axis=1) / n
         return loss, bound, latency, exits
+
+
+def state_providers(manifest) -> list[list[int]]:
+    """Per exit of ``manifest``, the exits whose state (``exit_k_state``) its graph reads."""
+    return [[int(t.name.split("_")[1]) for t in manifest.exit_stage(k).inputs
+             if t.name.endswith("_state")] for k in range(manifest.num_exits)]
 
 
 def _candidates(conf: np.ndarray, limit: int | None) -> np.ndarray:
@@ -176,6 +214,7 @@ def tune_thresholds(
     max_combinations: int = 100_000,
     curve_losses: Sequence[float] | None = None,
     floor_confidence: float | None = None,
+    state_providers: Sequence[Sequence[int]] | None = None,
 ) -> TuningResult:
     """Chooses per-exit thresholds minimizing expected latency under a metric floor.
 
@@ -187,11 +226,13 @@ def tune_thresholds(
         stage_latency_ms: Latency of each stage by name (segment_k, exit_k).
         max_loss: Allowed metric loss against the final exit: accuracy points as a fraction
             (default 0.005) or MAE units (default 5% of the final exit's MAE).
-        max_combinations: Size of the exhaustive coarse grid.
+        max_combinations: Size of the exhaustive coarse grid (at most 4e7 / samples).
         curve_losses: Allowed losses for the trade-off curve stored with the result.
         floor_confidence: One-sided confidence level in [0.5, 1) at which the floor must hold
             over the split's sampling noise (see the module docstring); None checks the floor
             on the split itself.
+        state_providers: Per exit, the exits whose state it reads (:func:`state_providers`):
+            their heads run whenever it runs, enabled or not, and are charged as such.
 
     Returns:
         The best operating point and the trade-off curve.
@@ -213,11 +254,11 @@ def tune_thresholds(
         raise ConfigError(f"max_loss must be a finite number >= 0, got {max_loss}")
     z = _z_score(floor_confidence)
     segments, heads = stage_costs(stage_latency_ms, num_exits)
-    evaluate = _Evaluator(confidences, losses, segments, heads, z)
+    evaluate = _Evaluator(confidences, losses, segments, heads, z, state_providers)
     e1 = num_exits - 1
 
     def point(thresholds: np.ndarray, allowed: float) -> OperatingPoint:
-        loss, _, latency, exits = evaluate.with_exits(thresholds[None, :])
+        loss, _, latency, exits = evaluate.with_exits(thresholds[None, :], each_sample=True)
         fractions = np.bincount(exits[0], minlength=num_exits) / n
         metric = 1.0 - loss[0] if task == "classification" else loss[0]
         return OperatingPoint(
@@ -232,13 +273,14 @@ def tune_thresholds(
                             full_chain, "accuracy" if task == "classification" else "mae", [best],
                             floor_confidence)
 
-    # Coarse exhaustive grid.
-    per_exit = max(2, int(max_combinations ** (1.0 / e1)) - 1)
+    # Coarse exhaustive grid, smaller on large splits (its cost is combinations x samples).
+    combinations = max(2 ** e1, min(max_combinations, _GRID_VALUES // n))
+    per_exit = max(2, int(combinations ** (1.0 / e1)) - 1)
     grids = [_candidates(confidences[k], per_exit) for k in range(e1)]
     combos = np.array(list(itertools.product(*grids)), dtype=np.float64)  # (M, E-1)
     _, coarse_bound, coarse_latency = evaluate(combos)
 
-    fine = [_candidates(confidences[k], None) for k in range(e1)]
+    fine = [_candidates(confidences[k], _FINE_CANDIDATES) for k in range(e1)]
 
     def refine(start: np.ndarray, allowed: float) -> np.ndarray:
         current = start.copy()

@@ -33,10 +33,16 @@ Splits:
 
 Everything is drawn from ``numpy.random.default_rng([seed, split, corruption, severity])``: the
 same seed gives the same bytes on every machine.
+
+The parameters above are digits-C's (8x8, pixel values 0..16); :class:`CorruptionScale` carries
+them to other image families (:func:`corrupted_splits`): MNIST-C
+(:mod:`trt_exit.training.mnist`) applies the same protocol to 28x28 MNIST.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -59,23 +65,53 @@ CONTRAST_FACTOR = (0.5, 0.35, 0.25, 0.15, 0.08)
 SHIFT_PX = ((1, False), (1, True), (2, False), (2, True), (3, True))  # (distance, diagonal)
 
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+#: Pixels (N, H, W) -> model inputs (N, 1, H, W) float32.
+Preprocess = Callable[[np.ndarray], np.ndarray]
 
 
-def _noise(images: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    return images + rng.normal(0.0, NOISE_SIGMA[severity - 1], images.shape)
+@dataclass(frozen=True)
+class CorruptionScale:
+    """How the corruption parameters above (defined on 8x8 images with pixel values 0..16) map
+    to another image family: intensities scale with ``pixel_max``, lengths in pixels with
+    ``px`` (rounded half up), so MNIST-C (28x28, values 0..1) is digits-C at 3.5x the size.
+
+    Attributes:
+        pixel_max: Largest pixel value (images are clipped to 0..pixel_max).
+        px: Image side relative to 8 pixels.
+    """
+
+    pixel_max: float = PIXEL_MAX
+    px: float = 1.0
+
+    def length(self, pixels: float) -> int:
+        """A length of ``pixels`` on 8x8 images, on this scale (rounded half up)."""
+        return int(math.floor(pixels * self.px + 0.5))
 
 
-def _blur(images: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
+#: digits-C's own scale.
+DIGITS_SCALE = CorruptionScale()
+
+
+def _noise(images: np.ndarray, severity: int, rng: np.random.Generator,
+           scale: CorruptionScale) -> np.ndarray:
+    sigma = NOISE_SIGMA[severity - 1] * scale.pixel_max / PIXEL_MAX
+    return images + rng.normal(0.0, sigma, images.shape)
+
+
+def _blur(images: np.ndarray, severity: int, rng: np.random.Generator,
+          scale: CorruptionScale) -> np.ndarray:
     from scipy.ndimage import gaussian_filter
 
-    sigma = BLUR_SIGMA_PX[severity - 1]
-    return np.stack([gaussian_filter(image, sigma, mode="constant", cval=0.0) for image in images])
+    sigma = BLUR_SIGMA_PX[severity - 1] * scale.px
+    # Sigma 0 along the sample axis: each image is filtered on its own.
+    return gaussian_filter(images, (0.0, sigma, sigma), mode="constant", cval=0.0)
 
 
-def _occlusion(images: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
+def _occlusion(images: np.ndarray, severity: int, rng: np.random.Generator,
+               scale: CorruptionScale) -> np.ndarray:
     out = images.copy()
     size = images.shape[-1]
-    short, long = OCCLUSION_PX[severity - 1]
+    short, long = (scale.length(v) for v in OCCLUSION_PX[severity - 1])
     for image in out:
         height, width = (short, long) if rng.integers(2) else (long, short)
         top = rng.integers(0, size - height + 1)
@@ -84,13 +120,16 @@ def _occlusion(images: np.ndarray, severity: int, rng: np.random.Generator) -> n
     return out
 
 
-def _contrast(images: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
+def _contrast(images: np.ndarray, severity: int, rng: np.random.Generator,
+              scale: CorruptionScale) -> np.ndarray:
     mean = images.mean(axis=(1, 2), keepdims=True)
     return mean + (images - mean) * CONTRAST_FACTOR[severity - 1]
 
 
-def _shift(images: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    distance, diagonal = SHIFT_PX[severity - 1]
+def _shift(images: np.ndarray, severity: int, rng: np.random.Generator,
+           scale: CorruptionScale) -> np.ndarray:
+    steps, diagonal = SHIFT_PX[severity - 1]
+    distance = scale.length(steps)
     if diagonal:
         directions = [(1, 1), (1, -1), (-1, 1), (-1, -1)]
     else:
@@ -104,14 +143,16 @@ def _shift(images: np.ndarray, severity: int, rng: np.random.Generator) -> np.nd
     return out
 
 
-_APPLY: dict[str, Callable[[np.ndarray, int, np.random.Generator], np.ndarray]] = {
+_APPLY: dict[str, Callable[[np.ndarray, int, np.random.Generator, CorruptionScale], np.ndarray]] = {
     "gaussian_noise": _noise, "gaussian_blur": _blur, "occlusion": _occlusion,
     "contrast": _contrast, "shift": _shift,
 }
 
 
-def corrupt(images: np.ndarray, corruption: str, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """``images`` (N, 8, 8) with pixel values 0..16 under one corruption, clipped to 0..16.
+def corrupt(images: np.ndarray, corruption: str, severity: int, rng: np.random.Generator,
+            scale: CorruptionScale = DIGITS_SCALE) -> np.ndarray:
+    """``images`` (N, H, W) with pixel values 0..``scale.pixel_max`` (digits: 0..16) under one
+    corruption, clipped to that range.
 
     Raises:
         ConfigError: Unknown corruption or a severity outside 1..5.
@@ -121,31 +162,40 @@ def corrupt(images: np.ndarray, corruption: str, severity: int, rng: np.random.G
     if severity not in SEVERITIES:
         raise ConfigError(f"severity must be 1..5, got {severity!r}")
     images = np.asarray(images, dtype=np.float64)
-    return np.clip(_APPLY[corruption](images, severity, rng), 0.0, PIXEL_MAX)
+    return np.clip(_APPLY[corruption](images, severity, rng, scale), 0.0, scale.pixel_max)
 
 
 def _rng(seed: int, split: str, corruption: int, severity: int) -> np.random.Generator:
     return np.random.default_rng([seed, _SPLIT_CODES[split], corruption + 1, severity])
 
 
-def _parse_corruptions(corruptions: str) -> list[str]:
+def parse_corruptions(corruptions: str, dataset: str = "digits_c") -> list[str]:
+    """``"all"`` or a comma-separated subset of :data:`CORRUPTIONS` -> the names, in order given.
+
+    Raises:
+        ConfigError: An unknown name (the message names ``dataset``'s option).
+    """
     if corruptions == "all":
         return list(CORRUPTIONS)
     names = [c.strip() for c in corruptions.split(",") if c.strip()]
     unknown = [c for c in names if c not in CORRUPTIONS]
     if unknown or not names:
-        raise ConfigError(f"digits_c option corruptions: unknown {unknown or corruptions!r}; use "
+        raise ConfigError(f"{dataset} option corruptions: unknown {unknown or corruptions!r}; use "
                           f"'all' or a comma-separated subset of {', '.join(CORRUPTIONS)}")
     return names
 
 
 def _evaluation_split(pixels: np.ndarray, labels: np.ndarray, seed: int, split: str,
-                      names: list[str]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    images, corruption, severity = [pixels], [np.full(len(pixels), -1)], [np.zeros(len(pixels))]
+                      names: list[str], scale: CorruptionScale, preprocess: Preprocess
+                      ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    # Preprocessed copy by copy: float32 inputs, never every copy in float64 at once.
+    images, corruption, severity = [preprocess(pixels)], [np.full(len(pixels), -1)], \
+        [np.zeros(len(pixels))]
     for name in names:
         index = CORRUPTIONS.index(name)
         for level in SEVERITIES:
-            images.append(corrupt(pixels, name, level, _rng(seed, split, index, level)))
+            images.append(preprocess(corrupt(pixels, name, level, _rng(seed, split, index, level),
+                                             scale)))
             corruption.append(np.full(len(pixels), index))
             severity.append(np.full(len(pixels), level))
     copies = len(images)
@@ -156,7 +206,8 @@ def _evaluation_split(pixels: np.ndarray, labels: np.ndarray, seed: int, split: 
 
 
 def _training_split(pixels: np.ndarray, labels: np.ndarray, seed: int, names: list[str],
-                    corrupted_fraction: float) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+                    corrupted_fraction: float, scale: CorruptionScale, preprocess: Preprocess
+                    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     rng = np.random.default_rng([seed, _SPLIT_CODES["train"]])
     count = len(pixels)
     chosen = rng.permutation(count)[: int(round(corrupted_fraction * count))]
@@ -169,12 +220,51 @@ def _training_split(pixels: np.ndarray, labels: np.ndarray, seed: int, names: li
         index = CORRUPTIONS.index(name)
         for level in TRAIN_SEVERITIES:
             rows = chosen[(kinds == k) & (levels == level)]
-            images[rows] = corrupt(pixels[rows], name, level, _rng(seed, "train", index, level))
+            images[rows] = corrupt(pixels[rows], name, level, _rng(seed, "train", index, level),
+                                   scale)
             corruption[rows] = index
             severity[rows] = level
     meta = {"corruption": corruption, "severity": severity,
             "source_index": np.arange(count, dtype=np.int64)}
-    return images, labels, meta
+    return preprocess(images), labels, meta
+
+
+def corrupted_splits(pixels: dict[str, np.ndarray], labels: dict[str, np.ndarray], seed: int,
+                     corruptions: str, train_corrupted_fraction: float, scale: CorruptionScale,
+                     preprocess: Preprocess, dataset: str, info: dict) -> dict[str, Dataset]:
+    """The corrupted train / val / test splits of clean pixel splits (the module docstring's
+    protocol), for any image family.
+
+    Args:
+        pixels: Clean images by split, (N, H, W), values 0..``scale.pixel_max``.
+        labels: Class indices by split.
+        seed: Seed of every corruption draw.
+        corruptions: ``"all"`` or a comma-separated subset of :data:`CORRUPTIONS`.
+        train_corrupted_fraction: Share of training images replaced by a mild corruption.
+        scale: The corruption parameters' scale for this image family.
+        preprocess: Pixels -> model inputs (N, 1, H, W) float32.
+        dataset: Dataset name (split names and messages).
+        info: Provenance recorded with every split (the corruption protocol is added).
+    """
+    if not 0.0 <= train_corrupted_fraction <= 1.0:
+        raise ConfigError(f"train_corrupted_fraction must be in [0, 1], got {train_corrupted_fraction}")
+    names = parse_corruptions(corruptions, dataset)
+    info = {
+        **info, "seed": seed, "corruptions": names, "severities": list(SEVERITIES),
+        "train": (f"{train_corrupted_fraction:g} of the images replaced by one random corruption "
+                  f"at severity {' or '.join(map(str, TRAIN_SEVERITIES))}"),
+        "val_test": "every image clean, then under every corruption at every severity",
+    }
+    splits = {"train": _training_split(pixels["train"], labels["train"], seed, names,
+                                       train_corrupted_fraction, scale, preprocess)}
+    for split in ("val", "test"):
+        splits[split] = _evaluation_split(pixels[split], labels[split], seed, split, names, scale,
+                                          preprocess)
+    return {
+        split: Dataset({tn.IMAGE: images}, targets, "classification", f"{dataset}/{split}",
+                       dict(info), meta=meta)
+        for split, (images, targets, meta) in splits.items()
+    }
 
 
 def load_digits_c(seed: int = 0, corruptions: str = "all",
@@ -192,24 +282,12 @@ def load_digits_c(seed: int = 0, corruptions: str = "all",
     """
     if not 0.0 <= train_corrupted_fraction <= 1.0:
         raise ConfigError(f"train_corrupted_fraction must be in [0, 1], got {train_corrupted_fraction}")
-    names = _parse_corruptions(corruptions)
+    parse_corruptions(corruptions)  # a bad name fails before the digits are loaded
     pixels, labels = digits_pixel_splits(seed)
-    info = {
-        "source": "sklearn.datasets.load_digits, corrupted (digits-C, trt_exit.training.digits_c)",
-        "seed": seed, "corruptions": names, "severities": list(SEVERITIES),
-        "train": (f"{train_corrupted_fraction:g} of the images replaced by one random corruption "
-                  f"at severity {' or '.join(map(str, TRAIN_SEVERITIES))}"),
-        "val_test": "every image clean, then under every corruption at every severity",
-    }
-    splits = {"train": _training_split(pixels["train"], labels["train"], seed, names,
-                                       train_corrupted_fraction)}
-    for split in ("val", "test"):
-        splits[split] = _evaluation_split(pixels[split], labels[split], seed, split, names)
-    return {
-        split: Dataset({tn.IMAGE: digits_preprocess(images)}, targets, "classification",
-                       f"digits_c/{split}", dict(info), meta=meta)
-        for split, (images, targets, meta) in splits.items()
-    }
+    info = {"source": "sklearn.datasets.load_digits, corrupted (digits-C, "
+                      "trt_exit.training.digits_c)"}
+    return corrupted_splits(pixels, labels, seed, corruptions, train_corrupted_fraction,
+                            DIGITS_SCALE, digits_preprocess, "digits_c", info)
 
 
 register_dataset("digits_c", load_digits_c)

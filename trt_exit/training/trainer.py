@@ -4,6 +4,13 @@
 * ``classifier_wise``: the backbone (and final head) are frozen and only the early exits learn.
   When the backbone is not trained yet, ``backbone_epochs`` first train backbone + final head.
 
+Options on top of either (:class:`~trt_exit.training.config.TrainConfig`): self-distillation of
+every early exit from the final head (``distill_weight``, ``distill_temperature``); a joint
+fine-tune of everything at a low learning rate after the main phases (``finetune_epochs``,
+``finetune_lr``); per-exit temperature calibration on the validation split at the end
+(``calibrate``). The two-phase recipe is ``classifier_wise`` with ``backbone_epochs`` (a static
+model first), distillation in the exits phase, and optionally the fine-tune.
+
 Everything is seeded; progress is shown with tqdm.
 """
 
@@ -47,6 +54,8 @@ class TrainHistory:
 
     phases: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    #: Per-exit temperatures fitted after training (``TrainConfig.calibrate``), else None.
+    calibration: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -275,7 +284,8 @@ def _run_phase(
                 group["lr"] = lr_at(step)
             outputs = _forward(model, batch)
             per_exit = targets_fn(model, batch, batch_targets) if targets_fn else batch_targets
-            loss = multi_exit_loss(model, outputs, per_exit, weights, config.label_smoothing)
+            loss = multi_exit_loss(model, outputs, per_exit, weights, config.label_smoothing,
+                                   config.distill_weight, config.distill_temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -339,20 +349,32 @@ def train(
         raise ConfigError(f"dataset {train_set.name} is {train_set.task}, the model is {model.task}")
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    # Outputs saved with a loaded checkpoint describe the weights before this training.
+    # Outputs saved with a loaded checkpoint describe the weights before this training; so do
+    # calibrated temperatures: training starts from the raw logits (calibrate again after).
     model.__dict__.pop("trained_reference", None)
+    for head in model.exits:
+        head.temperature.fill_(1.0)
     seed_everything(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     history = TrainHistory()
     began = time.perf_counter()
     n = model.num_exits
+    if config.calibrate and val_set is None:
+        raise ConfigError("calibrate=True fits the exits' temperatures on a validation split: "
+                          "pass val_set")
+    joint = exit_weights(n, config.final_weight)
     if config.regime == END_TO_END:
-        phases = [(END_TO_END, config.epochs, True, exit_weights(n, config.final_weight),
-                   targets_fn)]
+        phases = [(END_TO_END, config.epochs, True, joint, targets_fn, config)]
     else:
-        phases = [("backbone", config.backbone_epochs, True, [0.0] * (n - 1) + [1.0], None)
+        # The backbone phase trains a static model (backbone + final head) without distillation:
+        # there is no teacher yet.
+        phases = [("backbone", config.backbone_epochs, True, [0.0] * (n - 1) + [1.0], None,
+                   dataclasses.replace(config, distill_weight=0.0))
                   ] if config.backbone_epochs else []
-        phases.append(("exits", config.epochs, False, [1.0] * (n - 1) + [0.0], targets_fn))
+        phases.append(("exits", config.epochs, False, [1.0] * (n - 1) + [0.0], targets_fn, config))
+    if config.finetune_epochs:
+        phases.append(("finetune", config.finetune_epochs, True, joint, targets_fn,
+                       dataclasses.replace(config, lr=config.finetune_lr, warmup_epochs=0)))
     resume = None
     if resume_from is not None:
         resume = (resume_from if isinstance(resume_from, dict) else
@@ -362,10 +384,15 @@ def train(
             raise ConfigError(f"{resume_from} resumes phase {resume.get('phase')!r}, which this "
                               f"recipe does not have ({names})")
         phases = phases[names.index(resume["phase"]):]
-    for name, epochs, train_backbone, weights, fn in phases:
+    for name, epochs, train_backbone, weights, fn, phase_config in phases:
         history.phases.append(_run_phase(
-            model, name, train_set, val_set, config, epochs, train_backbone, weights, generator,
-            progress, fn, epoch_callback, resume if resume and resume["phase"] == name else None))
+            model, name, train_set, val_set, phase_config, epochs, train_backbone, weights,
+            generator, progress, fn, epoch_callback,
+            resume if resume and resume["phase"] == name else None))
     model.eval()
+    if config.calibrate:
+        from trt_exit.training.calibration import calibrate_temperatures
+
+        history.calibration = calibrate_temperatures(model, val_set)
     history.seconds = time.perf_counter() - began
     return history

@@ -15,6 +15,7 @@ from trt_exit.models.exits.base import (
 from trt_exit.models.exits import head, mlp, slvit  # noqa: E402,F401  isort: skip
 from trt_exit.models.exits import av_slvit  # noqa: E402,F401  isort: skip
 from trt_exit.models.exits import bof, cnn, mixer, resmlp, slvit_cnn, vitee  # noqa: E402,F401  isort: skip
+from trt_exit.models.exits import ensemble  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "CLASSIFICATION",

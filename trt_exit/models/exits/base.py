@@ -93,6 +93,22 @@ class ExitHead(nn.Module):
         super().__init__()
         self.context = context
         self.confidence_measure = confidence_measures.check(confidence, context.task)
+        # Temperature scaling (Guo et al., 2017): classification outputs leave the head divided
+        # by it (see calibrated), so the exported graph's confidence is the calibrated one. 1
+        # until trt_exit.training.calibration sets it on a validation split.
+        self.register_buffer("temperature", torch.ones(()))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before calibration existed have no temperature: 1, as trained.
+        state_dict.setdefault(prefix + "temperature", torch.ones(()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def calibrated(self, output: torch.Tensor) -> torch.Tensor:
+        """This head's output as the model hands it on: classification logits divided by the
+        head's temperature; other outputs as they are."""
+        if self.context.task != CLASSIFICATION:
+            return output
+        return output / self.temperature
 
     def forward(
         self,

@@ -143,6 +143,9 @@ class BoFExit(ExitHead):
         if stopping == "activation_ratio":
             self.confidence_measure = ACTIVATION_RATIO
         self.bof = BoFLayer(context.embed_dim, self.codewords)
+        if "ensemble" in context.shared:
+            raise ConfigError("a model's state-carrying exits must all be of one kind: bof and "
+                              "ensemble exits cannot be mixed")
         shared = context.shared.setdefault(_SHARED_KEY, {})
         if "classifier" not in shared:
             shared["classifier"] = SharedClassifier(self.codewords, context.num_outputs)
