@@ -164,8 +164,9 @@ def tune_step(manifest: Manifest, val: Dataset, backend: str = "onnxruntime",
     manifest.save()
     # The single graphs take the new thresholds as their defaults (every precision whose
     # thresholds changed), and the faster way to run this precision becomes the default.
-    write_early_exit_graphs(manifest, samples=val.inputs)
-    if backend == "onnxruntime" and precision in manifest.early_exit_graph:
+    # (A model directory exported before the single graph existed gets it here.)
+    write_early_exit_graphs(manifest, manifest.precisions(), samples=val.inputs)
+    if backend == "onnxruntime":
         with Executor(manifest, backend, precision) as executor:
             choice = compare_strategies(executor, val.inputs)
     else:

@@ -204,3 +204,19 @@ def test_state_providers_run_even_when_their_exit_is_disabled(bof_export, images
     for policy in (ThresholdPolicy(medians), ThresholdPolicy([None, medians[1], None]),
                    ThresholdPolicy([None, None, medians[2]]), FixedExitPolicy(2)):
         assert_same_as_stages(manifest, images[:96], policy, (1, 7, 96))
+
+
+def test_tune_gives_a_directory_exported_before_the_single_graph_its_graph(tiny_tuned, digits,
+                                                                          fresh_copy):
+    from trt_exit.workflow import tune_step
+
+    root = fresh_copy(tiny_tuned)
+    manifest = Manifest.load(root)
+    manifest.early_exit_graph_path("fp32").unlink()
+    manifest.early_exit_graph.clear()
+    manifest.tuning["fp32"].pop("strategy")
+    manifest.save()
+    tune_step(Manifest.load(root), digits["val"], max_loss=0.02, profile_repeats=5)
+    upgraded = Manifest.load(root, verify=True)
+    assert list(upgraded.early_exit_graph) == ["fp32"]
+    assert upgraded.tuning["fp32"]["strategy"]["default"] in ("stages", "single_graph")

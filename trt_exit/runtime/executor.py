@@ -254,7 +254,7 @@ class Executor:
         self._full: StageRunner | None = None
         self._graphs: dict[Any, Any] = {}  # ChainPlan -> SingleGraphRunner
         self._graph_file: Any = None  # the manifest's graph file's runner, once opened
-        self._plans: dict[tuple, Any] = {}  # policy shape -> ChainPlan
+        self._plans: dict[tuple, Any] = {}  # policy value -> (ChainPlan, thresholds)
         try:
             self.strategy = self._check_strategy(strategy)
         except BaseException:
@@ -330,7 +330,7 @@ class Executor:
         else:
             graph = self._single_graph(policy, strategy, len(next(iter(feeds.values()))))
             if graph is not None:
-                results = self._run_graph(graph, feeds, policy, began)
+                results = self._run_graph(*graph, feeds, began)
             else:
                 results = self._run_policy(feeds, policy, began)
         results.value_columns = self.manifest.value_columns
@@ -405,7 +405,7 @@ class Executor:
         return strategy
 
     def _single_graph(self, policy: Policy, strategy: str, batch: int):
-        """The single-graph runner this run uses, or None for the stages."""
+        """``(runner, thresholds)`` of the single graph this run uses, or None for the stages."""
         from trt_exit.runtime import single_graph as sg
 
         if strategy == "stages":
@@ -417,10 +417,10 @@ class Executor:
         if isinstance(policy, AllExitsPolicy) or not sg.supports(policy):
             raise ConfigError(f"{type(policy).__name__} needs the stages one by one; run it "
                               f"with strategy stages (or auto)")
-        plan, _ = self._plan(policy)
+        plan, thresholds = self._plan(policy)
         file_runner = self._file_graph()
         if file_runner is not None and file_runner.plan == plan:
-            return file_runner
+            return file_runner, thresholds
         if strategy == "auto":
             return None  # another plan than the measured graph's: the stages
         if plan not in self._graphs:
@@ -428,29 +428,26 @@ class Executor:
 
             log.info("composing the single early-exit graph for %s in memory (exits deciding: "
                      "%s, final %d)", policy.describe(), list(plan.decisions), plan.final)
-            _, thresholds = self._plan(policy)
             model = compose_early_exit_graph(self.manifest, self.precision, plan, thresholds)
             self._graphs[plan] = sg.SingleGraphRunner(
                 self.manifest, model.SerializeToString(),
                 f"early-exit graph ({self.precision}, composed for {policy.describe()})",
                 getattr(self.backend, "threads", 1))
-        return self._graphs[plan]
+        return self._graphs[plan], thresholds
 
     def _plan(self, policy: Policy):
-        """``(ChainPlan, thresholds vector)`` of a policy, cached by what shapes the plan."""
+        """``(ChainPlan, thresholds to feed)`` of a policy, kept per policy value (the plan
+        walks the manifest; the thresholds array is only read by ONNX Runtime)."""
         from trt_exit.runtime.single_graph import policy_plan
 
-        key = (type(policy).__name__,
-               tuple(t is None for t in getattr(policy, "thresholds", ())),
+        key = (type(policy), tuple(getattr(policy, "thresholds", ())),
                getattr(policy, "exit_index", None))
         cached = self._plans.get(key)
         if cached is None:
-            cached, _ = policy_plan(self.manifest, policy)
-            self._plans[key] = cached
-        thresholds = np.full(self.num_exits - 1, np.inf, np.float32)
-        for k in cached.decisions:
-            thresholds[k] = policy.thresholds[k]
-        return cached, thresholds
+            if len(self._plans) >= 64:  # a sweep over thresholds: keep the memory bounded
+                self._plans.clear()
+            cached = self._plans[key] = policy_plan(self.manifest, policy)
+        return cached
 
     def _file_graph(self):
         """The runner of the manifest's graph file of this precision (opened once), or None."""
@@ -464,9 +461,8 @@ class Executor:
             self._graphs[runner.plan] = self._graph_file = runner
         return self._graph_file
 
-    def _run_graph(self, graph, feeds: dict[str, Any], policy: Policy,
+    def _run_graph(self, graph, thresholds: np.ndarray, feeds: dict[str, Any],
                    began: float) -> ExitResults:
-        _, thresholds = self._plan(policy)
         with nvtx_range("single_graph"):
             output, confidence, index = graph.run(feeds, thresholds)
         latency = (time.perf_counter() - began) * 1e3

@@ -123,7 +123,7 @@ CHOICE_BATCHES = (1, 8, 64)
 
 def compare_strategies(executor, inputs: dict[str, np.ndarray],
                        batches: tuple[int, ...] = CHOICE_BATCHES, passes: int = 2,
-                       warmup: int = 10) -> dict[str, Any]:
+                       warmup: int = 10, max_batches: int = 128) -> dict[str, Any]:
     """Times ``stages`` and ``single_graph`` under the executor's policy, interleaved batch by
     batch (rotating which goes first), and says which is faster where.
 
@@ -134,6 +134,8 @@ def compare_strategies(executor, inputs: dict[str, np.ndarray],
         batches: Batch sizes to time (those above N are left out).
         passes: Timed passes over the samples per batch size.
         warmup: Untimed runs of each strategy first.
+        max_batches: At most this many batches per size (the first samples), which bounds the
+            time a large split or a large model takes.
 
     Returns:
         ``{"default", "single_graph_max_batch", "mean_latency_ms": {batch: {strategy: ms}},
@@ -147,7 +149,7 @@ def compare_strategies(executor, inputs: dict[str, np.ndarray],
     means: dict[str, dict[str, float]] = {}
     for size in sizes:
         parts = [{k: v[i : i + size] for k, v in inputs.items()}
-                 for i in range(0, count - size + 1, size)]
+                 for i in range(0, count - size + 1, size)][:max_batches]
         names = ["stages", "single_graph"]
         for i in range(warmup):
             for name in names:
@@ -164,11 +166,11 @@ def compare_strategies(executor, inputs: dict[str, np.ndarray],
     largest = max([s for s in sizes if slower_at is None or s < slower_at], default=0)
     one = means[str(sizes[0])]
     why = (f"batch {sizes[0]}: single graph {one['single_graph']:.3f} ms vs stages "
-           f"{one['stages']:.3f} ms mean over {count} samples")
+           f"{one['stages']:.3f} ms mean over {min(count, max_batches * sizes[0])} samples")
     if default == "single_graph":
         why += f"; the single graph serves batches up to {largest}"
         if slower_at is not None:
             why += f" (at batch {slower_at} the stages, which compact the batch, were faster)"
     return {"default": default, "single_graph_max_batch": largest, "mean_latency_ms": means,
-            "samples": count, "passes": passes, "threads": getattr(executor.backend, "threads", 1),
+            "samples": count, "max_batches": max_batches, "passes": passes, "threads": getattr(executor.backend, "threads", 1),
             "measured": "interleaved per batch, rotating order, after warm-up", "why": why}
