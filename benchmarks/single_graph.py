@@ -86,6 +86,56 @@ def sessions(manifest, precision: str, threads: int):
     return plain, ablations, paths, plan
 
 
+class PlainStages:
+    """The staged chain as a plain loop of ONNX Runtime calls (no trt_exit in the loop): one
+    session per stage, the first confident exit wins, the batch compacted as the executor
+    does. The same decisions as the single graph; what a user re-implementing the executor
+    would write."""
+
+    def __init__(self, manifest, precision: str, threads: int, thresholds):
+        import onnxruntime as ort
+
+        from trt_exit.runtime.backends.onnxruntime import session_options
+
+        self.stages = []  # (session, input names, output names, exit index or None)
+        for stage in manifest.stages:
+            session = ort.InferenceSession(str(manifest.onnx_path(stage, precision)),
+                                           session_options(threads),
+                                           providers=["CPUExecutionProvider"])
+            k = stage.index if stage.kind == "exit" else None
+            self.stages.append((session, stage.input_names(), stage.output_names(), k))
+        self.final = manifest.num_exits - 1
+        self.thresholds = [None if t is None else np.float32(t) for t in thresholds]
+
+    def __call__(self, feeds: dict) -> tuple:
+        values = dict(feeds)
+        batch = len(next(iter(feeds.values())))
+        rows = np.arange(batch)
+        index = np.zeros(batch, np.int64)
+        output = confidence = None
+        for session, inputs, outputs, k in self.stages:
+            if k is not None and k < self.final and self.thresholds[k] is None:
+                continue  # a disabled exit (no BoF state to hand on in this benchmark's model)
+            values.update(zip(outputs, session.run(outputs, {n: values[n] for n in inputs})))
+            if k is None:
+                continue
+            conf = values[outputs[1]]
+            done = np.ones(len(rows), bool) if k == self.final else conf >= self.thresholds[k]
+            if done.any():
+                out = values[outputs[0]]
+                if output is None:
+                    output = np.zeros((batch, out.shape[1]), out.dtype)
+                    confidence = np.zeros(batch, np.float32)
+                output[rows[done]], confidence[rows[done]] = out[done], conf[done]
+                index[rows[done]] = k
+                if done.all():
+                    return output, confidence, index
+                keep = ~done
+                values = {n: v[keep] for n, v in values.items()}
+                rows = rows[keep]
+        return output, confidence, index
+
+
 def interleaved(batches: list[dict], variants: dict, passes: int, warmup: int) -> dict:
     """Wall time (ms) of every variant on every batch: ``{name: (passes, batches)}``."""
     names = list(variants)
@@ -169,6 +219,7 @@ def run(model_dir: str, precision: str, batches: list[int], passes: int, warmup:
     count = len(test)
     plain, ablations, paths, plan = sessions(manifest, precision, threads)
     policy = default_policy(manifest, precision)
+    staged = PlainStages(manifest, precision, threads, manifest.thresholds(precision))
     load_before = __import__("os").getloadavg()[0]
     report = {"model": manifest.name, "model_dir": str(manifest.root), "precision": precision,
               "samples": count, "threads": threads, "passes": passes, "warmup": warmup,
@@ -181,11 +232,16 @@ def run(model_dir: str, precision: str, batches: list[int], passes: int, warmup:
             parts = [{k: v[i : i + size] for k, v in inputs.items()}
                      for i in range(0, count - size + 1, size)]
             deepest = [int(exits_all[i : i + size].max()) for i in range(0, count - size + 1, size)]
+            for i, part in enumerate(parts):  # the plain loop decides as the graph does
+                _, _, graph_index = plain["single graph"].run(None, part)
+                np.testing.assert_array_equal(staged(part)[2], graph_index)
+                np.testing.assert_array_equal(graph_index, exits_all[i * size : (i + 1) * size])
             variants = {
                 "single graph": lambda x, b: executor.run(x, policy, "single_graph"),
                 "stages": lambda x, b: executor.run(x, policy, "stages"),
                 "no-exit": lambda x, b: executor.run_full_model(x),
                 "plain ORT: single graph": lambda x, b: plain["single graph"].run(None, x),
+                "plain ORT: staged chain": lambda x, b: staged(x),
                 "plain ORT: no-exit": lambda x, b: plain["no-exit"].run(None, x),
                 "plain ORT: per-exit-path limit":
                     lambda x, b: paths[deepest[b]].run(None, x),
@@ -203,6 +259,8 @@ def run(model_dir: str, precision: str, batches: list[int], passes: int, warmup:
                 "single graph / stages": means["single graph"] / means["stages"],
                 "single graph / no-exit": means["single graph"] / means["no-exit"],
                 "stages / no-exit": means["stages"] / means["no-exit"],
+                "plain ORT: single graph / staged chain":
+                    means["plain ORT: single graph"] / means["plain ORT: staged chain"],
                 "plain ORT: single graph / no-exit":
                     means["plain ORT: single graph"] / means["plain ORT: no-exit"],
                 "plain ORT: limit / no-exit":
@@ -217,7 +275,7 @@ def run(model_dir: str, precision: str, batches: list[int], passes: int, warmup:
                             "samples": int(rows.sum()),
                             **{name: float(times[name][:, rows].mean()) for name in
                                ("single graph", "stages", "plain ORT: single graph",
-                                "plain ORT: per-exit-path limit")}}
+                                "plain ORT: staged chain", "plain ORT: per-exit-path limit")}}
                 entry["per_exit_ms"] = per_exit
             report["batches"][str(size)] = entry
     report["exit_fractions"] = (np.bincount(exits_all, minlength=manifest.num_exits)
@@ -234,26 +292,32 @@ def run(model_dir: str, precision: str, batches: list[int], passes: int, warmup:
 def format_report(report: dict) -> str:
     lines = [f"{report['model']} {report['precision']}, {report['samples']} test samples, "
              f"ONNX Runtime {report['threads']} intra-op thread(s), exit fractions "
-             f"{', '.join(f'{f:.3f}' for f in report['exit_fractions'])}", ""]
-    lines.append(f"{'batch':>5} {'single graph':>13} {'stages':>9} {'no-exit':>9} "
-                 f"{'/stages':>8} {'/no-exit':>9} | {'plain ORT: graph':>16} {'no-exit':>9} "
-                 f"{'limit':>9} {'graph/no-exit':>13} {'limit/no-exit':>13}")
+             f"{', '.join(f'{f:.3f}' for f in report['exit_fractions'])}; mean ms per batch", ""]
+    lines.append(f"{'batch':>5} | {'plain ORT: single graph':>23} {'staged chain':>12} "
+                 f"{'no-exit':>8} {'limit':>8} | {'graph/staged':>12} {'graph/no-exit':>13} "
+                 f"{'limit/no-exit':>13}")
     for size, entry in report["batches"].items():
         m, r = entry["mean_ms"], entry["ratios"]
         lines.append(
-            f"{size:>5} {m['single graph']:11.3f}ms {m['stages']:7.3f}ms {m['no-exit']:7.3f}ms "
-            f"{r['single graph / stages']:8.2f} {r['single graph / no-exit']:9.2f} | "
-            f"{m['plain ORT: single graph']:14.3f}ms {m['plain ORT: no-exit']:7.3f}ms "
-            f"{m['plain ORT: per-exit-path limit']:7.3f}ms "
+            f"{size:>5} | {m['plain ORT: single graph']:23.3f} {m['plain ORT: staged chain']:12.3f} "
+            f"{m['plain ORT: no-exit']:8.3f} {m['plain ORT: per-exit-path limit']:8.3f} | "
+            f"{r['plain ORT: single graph / staged chain']:12.2f} "
             f"{r['plain ORT: single graph / no-exit']:13.2f} {r['plain ORT: limit / no-exit']:13.2f}")
+    lines += ["", f"{'batch':>5} | {'Executor: single_graph':>22} {'stages':>8} "
+                  f"{'no-exit':>8} | {'graph/stages':>12} {'graph/no-exit':>13}"]
+    for size, entry in report["batches"].items():
+        m, r = entry["mean_ms"], entry["ratios"]
+        lines.append(f"{size:>5} | {m['single graph']:22.3f} {m['stages']:8.3f} {m['no-exit']:8.3f} "
+                     f"| {r['single graph / stages']:12.2f} {r['single graph / no-exit']:13.2f}")
     one = report["batches"].get("1")
     if one:
-        lines += ["", "batch 1 by the exit taken (mean ms): exit samples single-graph stages "
-                      "plain-graph limit"]
+        lines += ["", "batch 1 by the exit taken (mean ms): exit, samples, plain ORT single graph, "
+                      "staged chain, limit; Executor single_graph, stages"]
         for k, e in one["per_exit_ms"].items():
-            lines.append(f"  {k} {e['samples']:4d} {e['single graph']:.3f} {e['stages']:.3f} "
-                         f"{e['plain ORT: single graph']:.3f} "
-                         f"{e['plain ORT: per-exit-path limit']:.3f}")
+            lines.append(f"  {k} {e['samples']:4d}  {e['plain ORT: single graph']:.3f} "
+                         f"{e['plain ORT: staged chain']:.3f} "
+                         f"{e['plain ORT: per-exit-path limit']:.3f};  {e['single graph']:.3f} "
+                         f"{e['stages']:.3f}")
         lines += ["", "batch 1, plain ORT, single graph variants (mean ms):",
                   f"  as built: {one['mean_ms']['plain ORT: single graph']:.4f}"]
         for name, ms in one["mean_ms"].items():
@@ -266,6 +330,8 @@ def format_report(report: dict) -> str:
         lines += [f"  {k}: {v:.1f} us" for k, v in prof["parts_us_per_run"].items()]
         lines += [f"  If {k}: {v['calls_per_run']:.2f} calls/run, {v['inclusive_us_per_call']:.1f} "
                   f"us per call incl. branch" for k, v in prof["if_nodes"].items()]
+    lines.append(f"\nload average (1 min) before / after: {report['load_average_1min']['before']:.2f}"
+                 f" / {report['load_average_1min']['after']:.2f}")
     return "\n".join(lines)
 
 

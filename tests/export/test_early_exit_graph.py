@@ -220,3 +220,29 @@ def test_tune_gives_a_directory_exported_before_the_single_graph_its_graph(tiny_
     upgraded = Manifest.load(root, verify=True)
     assert list(upgraded.early_exit_graph) == ["fp32"]
     assert upgraded.tuning["fp32"]["strategy"]["default"] in ("stages", "single_graph")
+
+
+def test_a_graph_built_from_other_stage_graphs_is_not_run(tiny_tuned, fresh_copy, images):
+    """A stage graph replaced since (its new hash recorded): the single graph no longer holds
+    what the manifest lists. auto runs the stages; asking for the graph is an error."""
+    import onnx
+
+    from trt_exit.fileio import sha256_file
+    from trt_exit.runtime.single_graph import StaleGraphError
+
+    root = fresh_copy(tiny_tuned)
+    manifest = Manifest.load(root)
+    manifest.tuning["fp32"]["strategy"] = {"default": "single_graph", "single_graph_max_batch": 1}
+    stage = manifest.exit_stage(0)
+    path = manifest.onnx_path(stage)
+    model = onnx.load(str(path))
+    model.doc_string = "replaced"
+    onnx.save(model, str(path))
+    stage.onnx["fp32"].sha256, stage.onnx["fp32"].bytes = sha256_file(path), path.stat().st_size
+    manifest.save()
+    with Executor(root) as executor:
+        assert executor.run(images[:1]).strategy == "stages"
+        with pytest.raises(StaleGraphError, match="built from other fp32 stage graphs"):
+            executor.run(images[:1], strategy="single_graph")
+        fixed = executor.run(images[:1], FixedExitPolicy(1), strategy="single_graph")
+        assert fixed.strategy == "single_graph"  # composed anew from the stage graphs listed

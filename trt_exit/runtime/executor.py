@@ -254,6 +254,7 @@ class Executor:
         self._full: StageRunner | None = None
         self._graphs: dict[Any, Any] = {}  # ChainPlan -> SingleGraphRunner
         self._graph_file: Any = None  # the manifest's graph file's runner, once opened
+        self._stale: Any = None  # why the graph file is not used (a StaleGraphError)
         self._plans: dict[tuple, Any] = {}  # policy value -> (ChainPlan, thresholds)
         try:
             self.strategy = self._check_strategy(strategy)
@@ -422,7 +423,9 @@ class Executor:
         if file_runner is not None and file_runner.plan == plan:
             return file_runner, thresholds
         if strategy == "auto":
-            return None  # another plan than the measured graph's: the stages
+            return None  # another plan than the measured graph's, or a stale file: the stages
+        if self._stale is not None and self._stale.plan == plan:
+            raise self._stale
         if plan not in self._graphs:
             from trt_exit.export.early_exit_graph import compose_early_exit_graph
 
@@ -450,16 +453,23 @@ class Executor:
         return cached
 
     def _file_graph(self):
-        """The runner of the manifest's graph file of this precision (opened once), or None."""
-        from trt_exit.runtime.single_graph import SingleGraphRunner
+        """The runner of the manifest's graph file of this precision (opened once), or None
+        (also when the file is stale, see
+        :class:`~trt_exit.runtime.single_graph.StaleGraphError`: logged and kept)."""
+        from trt_exit.runtime.single_graph import SingleGraphRunner, StaleGraphError
 
         if self._graph_file is None and self.precision in self.manifest.early_exit_graph:
             path = self.manifest.early_exit_graph_path(self.precision)  # sha256 checked
-            runner = SingleGraphRunner(self.manifest, path,
-                                       f"early-exit graph {path.name} ({self.precision})",
-                                       getattr(self.backend, "threads", 1))
+            try:
+                runner = SingleGraphRunner(self.manifest, path,
+                                           f"early-exit graph {path.name} ({self.precision})",
+                                           getattr(self.backend, "threads", 1), self.precision)
+            except StaleGraphError as exc:
+                log.warning("%s", exc)
+                self._graph_file, self._stale = False, exc  # not opened again
+                return None
             self._graphs[runner.plan] = self._graph_file = runner
-        return self._graph_file
+        return self._graph_file or None
 
     def _run_graph(self, graph, thresholds: np.ndarray, feeds: dict[str, Any],
                    began: float) -> ExitResults:

@@ -20,6 +20,15 @@ from trt_exit.export.early_exit_graph import ChainPlan, plan_chain
 from trt_exit.manifest import Manifest, check_graph_io, ort_type_name
 from trt_exit.runtime.policies import DeadlinePolicy, FixedExitPolicy, Policy, ThresholdPolicy
 
+class StaleGraphError(StageError):
+    """The single graph does not hold the stage graphs the manifest lists (``plan``: the one
+    it holds)."""
+
+    def __init__(self, message: str, plan: ChainPlan):
+        super().__init__(message)
+        self.plan = plan
+
+
 #: The host executor's strategies (``auto``: the tuner's choice, see :func:`choose_strategy`).
 STRATEGIES = ("auto", "stages", "single_graph")
 
@@ -57,10 +66,16 @@ class SingleGraphRunner:
         source: The graph file (already checked against its sha256) or its bytes.
         name: What it is, for messages.
         threads: Intra-op threads.
+        precision: Also check that the graph was built from the stage graphs of this precision
+            that the manifest lists now (their sha256s, recorded in the graph): a stage graph
+            replaced since makes the single graph stale.
     """
 
-    def __init__(self, manifest: Manifest, source: Path | bytes, name: str, threads: int = 1):
-        from trt_exit.export.early_exit_graph import ChainPlan
+    def __init__(self, manifest: Manifest, source: Path | bytes, name: str, threads: int = 1,
+                 precision: str | None = None):
+        import json
+
+        from trt_exit.export.early_exit_graph import META_SOURCES, ChainPlan
         from trt_exit.runtime.backends.onnxruntime import open_session
 
         self.name = name
@@ -80,9 +95,23 @@ class SingleGraphRunner:
             raise StageError(f"{name}: its {tn.THRESHOLDS} input is "
                              f"{overridable.get(tn.THRESHOLDS, 'missing')}, expected float32 "
                              f"({manifest.num_exits - 1},) with a default; re-export the model")
-        self.plan = ChainPlan.from_metadata(self.session.get_modelmeta().custom_metadata_map)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.plan = ChainPlan.from_metadata(meta)
         if self.plan is None:
             raise StageError(f"{name} records no exit plan in its metadata; re-export the model")
+        if precision is not None:
+            try:
+                sources = json.loads(meta.get(META_SOURCES, "null"))
+            except ValueError:
+                sources = None
+            current = {stage.name: stage.onnx[precision].sha256 for stage in manifest.stages
+                       if precision in stage.onnx}
+            if not isinstance(sources, dict) or any(current.get(stage) != sha
+                                                    for stage, sha in sources.items()):
+                raise StaleGraphError(
+                    f"{name} was built from other {precision} stage graphs than {manifest.path} "
+                    f"lists now; write it anew with trt-exit tune {manifest.root} (or trt-exit "
+                    f"precision), or run the stages (--strategy stages)", self.plan)
         self._input_names = [t.name for t in inputs]
         self._output_names = [t.name for t in outputs]
 
