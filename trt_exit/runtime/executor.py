@@ -31,6 +31,7 @@ from trt_exit.manifest import Manifest
 from trt_exit.profiling.nvtx import nvtx_range
 from trt_exit.runtime import DEFAULT_CHUNK
 from trt_exit.runtime.backends.base import Backend, StageRunner
+from trt_exit.runtime import single_graph as sg
 from trt_exit.runtime.policies import (
     AllExitsPolicy,
     DeadlinePolicy,
@@ -281,6 +282,9 @@ class Executor:
         self.policy = policy or default_policy(self.manifest, precision)
         self.policy.validate(self.num_exits)
         self._device_arrays = bool(getattr(self.backend, "device_arrays", False))
+        spec = self.manifest.inputs[0]
+        self._one_input = ((spec.name, np.dtype(spec.dtype), tuple(spec.shape[1:]))
+                           if len(self.manifest.inputs) == 1 else None)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -305,7 +309,15 @@ class Executor:
     # ------------------------------------------------------------------ running
 
     def validate_inputs(self, inputs: Any) -> dict[str, Any]:
-        """See :func:`validate_inputs`."""
+        """See :func:`validate_inputs`. A one-input model's plain numpy batch of the right
+        dtype and shape, contiguous and finite, is accepted as it is without the general
+        checks (the common streaming case, where they cost a tenth of a small model's run);
+        anything else goes through them."""
+        one = self._one_input
+        if (one is not None and type(inputs) is np.ndarray and inputs.dtype == one[1]
+                and inputs.shape[1:] == one[2] and len(inputs) > 0
+                and inputs.flags.c_contiguous and np.isfinite(inputs).all()):
+            return {one[0]: inputs}
         return validate_inputs(self.manifest, inputs, self._device_arrays)
 
     def run(self, inputs: Any, policy: Policy | None = None,
@@ -395,10 +407,8 @@ class Executor:
     # ------------------------------------------------------------------ single graph
 
     def _check_strategy(self, strategy: str) -> str:
-        from trt_exit.runtime.single_graph import STRATEGIES
-
-        if strategy not in STRATEGIES:
-            raise ConfigError(f"unknown strategy {strategy!r}; choose {', '.join(STRATEGIES)}")
+        if strategy not in sg.STRATEGIES:
+            raise ConfigError(f"unknown strategy {strategy!r}; choose {', '.join(sg.STRATEGIES)}")
         if strategy == "single_graph" and self.backend.name != "onnxruntime":
             raise ConfigError(f"the single early-exit graph runs on ONNX Runtime, not the "
                               f"{self.backend.name} backend: use --backend onnxruntime, or "
@@ -407,8 +417,6 @@ class Executor:
 
     def _single_graph(self, policy: Policy, strategy: str, batch: int):
         """``(runner, thresholds)`` of the single graph this run uses, or None for the stages."""
-        from trt_exit.runtime import single_graph as sg
-
         if strategy == "stages":
             return None
         if strategy == "auto" and sg.choose_strategy(self.manifest, self.precision,
@@ -441,30 +449,26 @@ class Executor:
     def _plan(self, policy: Policy):
         """``(ChainPlan, thresholds to feed)`` of a policy, kept per policy value (the plan
         walks the manifest; the thresholds array is only read by ONNX Runtime)."""
-        from trt_exit.runtime.single_graph import policy_plan
-
         key = (type(policy), tuple(getattr(policy, "thresholds", ())),
                getattr(policy, "exit_index", None))
         cached = self._plans.get(key)
         if cached is None:
             if len(self._plans) >= 64:  # a sweep over thresholds: keep the memory bounded
                 self._plans.clear()
-            cached = self._plans[key] = policy_plan(self.manifest, policy)
+            cached = self._plans[key] = sg.policy_plan(self.manifest, policy)
         return cached
 
     def _file_graph(self):
         """The runner of the manifest's graph file of this precision (opened once), or None
         (also when the file is stale, see
         :class:`~trt_exit.runtime.single_graph.StaleGraphError`: logged and kept)."""
-        from trt_exit.runtime.single_graph import SingleGraphRunner, StaleGraphError
-
         if self._graph_file is None and self.precision in self.manifest.early_exit_graph:
             path = self.manifest.early_exit_graph_path(self.precision)  # sha256 checked
             try:
-                runner = SingleGraphRunner(self.manifest, path,
+                runner = sg.SingleGraphRunner(self.manifest, path,
                                            f"early-exit graph {path.name} ({self.precision})",
                                            getattr(self.backend, "threads", 1), self.precision)
-            except StaleGraphError as exc:
+            except sg.StaleGraphError as exc:
                 log.warning("%s", exc)
                 self._graph_file, self._stale = False, exc  # not opened again
                 return None
