@@ -1,24 +1,24 @@
 """The single early-exit graph against the staged chain and the no-exit graph, on the CPU.
 
 For a tuned model directory (the demo's), on its test split, with ONNX Runtime and one intra-op
-thread, all variants interleaved batch by batch in rotating order after a warm-up:
+thread, after a warm-up, three sets of variants, each interleaved batch by batch in rotating
+order (more sessions in one rotation evict each other's code and data from the CPU's caches and
+slow every variant alike, so the sets run one after another):
 
-* through trt_exit's executor (what ``Executor.run`` costs, input checks included):
-  ``single graph`` (strategy ``single_graph``: one ``session.run`` per batch), ``stages``
-  (strategy ``stages``: one call per stage, decisions in Python, the batch compacted), and the
-  ``no-exit`` graph (``run_full_model``);
-* plain ONNX Runtime (``session.run`` only): the single graph, the no-exit graph, and the
-  **per-exit-path limit**: for every batch, a straight graph (no decisions) of exactly the
-  path that batch needs (segments up to the deepest exit any of its samples takes, the heads
-  of the deciding exits before it), composed from the same stage graphs: what one call would
-  cost if it knew in advance where to stop;
-* at batch 1, single-graph variants that show what each cut is worth: without folding the
-  shape arithmetic, ONNX Runtime's graph optimization at ``extended`` and ``basic`` instead of
-  ``all``, and the thresholds as a constant (not overridable, so ONNX Runtime can fold them);
-* ONNX Runtime's profiler on the single graph at batch 1: time per op type, per ``If`` and per
-  part (segments, exit heads, decisions).
+1. plain ONNX Runtime (``session.run`` only): the single graph; the staged chain as a plain
+   Python loop of stage sessions deciding after each exit (with compaction, as the executor);
+   the no-exit graph; and the **per-exit-path limit**: for every batch, a straight graph (no
+   decisions) of exactly the path that batch needs (segments up to the deepest exit any of its
+   samples takes, the heads of the deciding exits before it), composed from the same stage
+   graphs: what one call would cost if it knew in advance where to stop;
+2. through trt_exit's executor (what ``Executor.run`` costs, input checks included): strategy
+   ``single_graph``, strategy ``stages`` and the no-exit graph (``run_full_model``);
+3. at batch 1, single-graph variants that show what each cut is worth: without folding the
+   shape arithmetic, ONNX Runtime's graph optimization at ``extended`` and ``basic`` instead of
+   ``all``, and the thresholds as a constant (not overridable, so ONNX Runtime can fold them).
 
-Writes JSON and prints the tables::
+Then ONNX Runtime's profiler on the single graph at batch 1: time per op type, per ``If`` and
+per part (segments, exit heads, decisions). Writes JSON and prints the tables::
 
     python benchmarks/single_graph.py runs/demo --out benchmarks/results/single-graph-cpu.json
 """
@@ -236,22 +236,25 @@ def run(model_dir: str, precision: str, batches: list[int], passes: int, warmup:
                 _, _, graph_index = plain["single graph"].run(None, part)
                 np.testing.assert_array_equal(staged(part)[2], graph_index)
                 np.testing.assert_array_equal(graph_index, exits_all[i * size : (i + 1) * size])
-            variants = {
-                "single graph": lambda x, b: executor.run(x, policy, "single_graph"),
-                "stages": lambda x, b: executor.run(x, policy, "stages"),
-                "no-exit": lambda x, b: executor.run_full_model(x),
+            # Three sets, each interleaved in itself (more sessions in one rotation evict each
+            # other's code and data from the caches and slow every variant alike).
+            sets = [{
                 "plain ORT: single graph": lambda x, b: plain["single graph"].run(None, x),
                 "plain ORT: staged chain": lambda x, b: staged(x),
                 "plain ORT: no-exit": lambda x, b: plain["no-exit"].run(None, x),
-                "plain ORT: per-exit-path limit":
-                    lambda x, b: paths[deepest[b]].run(None, x),
-            }
+                "plain ORT: per-exit-path limit": lambda x, b: paths[deepest[b]].run(None, x),
+            }, {
+                "single graph": lambda x, b: executor.run(x, policy, "single_graph"),
+                "stages": lambda x, b: executor.run(x, policy, "stages"),
+                "no-exit": lambda x, b: executor.run_full_model(x),
+            }]
             if size == 1:
-                variants.update({f"ablation: {name}": (lambda s: lambda x, b: s.run(None, x))(s)
-                                 for name, s in ablations.items()
-                                 if name != "as built (folded shapes, optimization all)"})
+                sets.append({f"ablation: {name}": (lambda s: lambda x, b: s.run(None, x))(s)
+                             for name, s in ablations.items()})
             rounds = max(passes, -(-passes * 45 // len(parts)))  # >= ~45 batches per size
-            times = interleaved(parts, variants, rounds, warmup)
+            times = {}
+            for variants in sets:
+                times.update(interleaved(parts, variants, rounds, warmup))
             means = {name: float(t.mean()) for name, t in times.items()}
             entry = {"batches": len(parts), "passes": rounds, "mean_ms": means,
                      "p50_ms": {name: float(np.median(t)) for name, t in times.items()}}
@@ -318,8 +321,8 @@ def format_report(report: dict) -> str:
                          f"{e['plain ORT: staged chain']:.3f} "
                          f"{e['plain ORT: per-exit-path limit']:.3f};  {e['single graph']:.3f} "
                          f"{e['stages']:.3f}")
-        lines += ["", "batch 1, plain ORT, single graph variants (mean ms):",
-                  f"  as built: {one['mean_ms']['plain ORT: single graph']:.4f}"]
+        lines += ["", "batch 1, plain ORT, single graph variants (mean ms, interleaved among "
+                      "themselves):"]
         for name, ms in one["mean_ms"].items():
             if name.startswith("ablation: "):
                 lines.append(f"  {name[len('ablation: '):]}: {ms:.4f}")

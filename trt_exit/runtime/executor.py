@@ -262,6 +262,7 @@ class Executor:
         except BaseException:
             self.backend.close()
             raise
+        self._auto_max_batch = sg.auto_max_batch(self.manifest, precision, self.backend.name)
         try:
             for stage in self.manifest.stages:
                 self.runners[stage.name] = self.backend.open_stage(self.manifest, stage, precision)
@@ -419,11 +420,9 @@ class Executor:
         """``(runner, thresholds)`` of the single graph this run uses, or None for the stages."""
         if strategy == "stages":
             return None
-        if strategy == "auto" and sg.choose_strategy(self.manifest, self.precision,
-                                                     self.backend.name, policy,
-                                                     batch) == "stages":
+        if strategy == "auto" and (batch > self._auto_max_batch or not sg.supports(policy)):
             return None
-        if isinstance(policy, AllExitsPolicy) or not sg.supports(policy):
+        if not sg.supports(policy):
             raise ConfigError(f"{type(policy).__name__} needs the stages one by one; run it "
                               f"with strategy stages (or auto)")
         plan, thresholds = self._plan(policy)

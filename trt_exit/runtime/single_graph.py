@@ -29,7 +29,7 @@ class StaleGraphError(StageError):
         self.plan = plan
 
 
-#: The host executor's strategies (``auto``: the tuner's choice, see :func:`choose_strategy`).
+#: The host executor's strategies (``auto``: the tuner's choice, see :func:`auto_max_batch`).
 STRATEGIES = ("auto", "stages", "single_graph")
 
 
@@ -131,19 +131,18 @@ class SingleGraphRunner:
         self.session = None
 
 
-def choose_strategy(manifest: Manifest, precision: str, backend: str, policy: Policy,
-                    batch: int) -> str:
-    """What ``strategy="auto"`` runs: the single graph where the tuner measured it faster on
-    this precision (``manifest.tuning[precision]["strategy"]``), up to the largest batch it
-    was faster at, on ONNX Runtime; the stages otherwise. (The executor also keeps to the
-    stages when the policy's plan is not the one the graph file holds.)"""
-    if backend != "onnxruntime" or not supports(policy) or \
-            precision not in manifest.early_exit_graph:
-        return "stages"
+def auto_max_batch(manifest: Manifest, precision: str, backend: str) -> int:
+    """The largest batch ``strategy="auto"`` runs as the single graph (0: none): up to the
+    largest batch at which the tuner measured it faster on this precision
+    (``manifest.tuning[precision]["strategy"]``), on ONNX Runtime, where the graph exists;
+    the stages otherwise. (The executor also keeps to the stages for a policy whose plan is
+    not the one the graph file holds.)"""
+    if backend != "onnxruntime" or precision not in manifest.early_exit_graph:
+        return 0
     choice = manifest.tuning.get(precision, {}).get("strategy") or {}
     if choice.get("default") != "single_graph":
-        return "stages"
-    return "single_graph" if batch <= int(choice.get("single_graph_max_batch", 1)) else "stages"
+        return 0
+    return int(choice.get("single_graph_max_batch", 1))
 
 
 #: Batch sizes the tuner times both strategies at.
