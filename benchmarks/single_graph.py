@@ -7,13 +7,15 @@ slow every variant alike, so the sets run one after another):
 
 1. plain ONNX Runtime (``session.run`` only): the single graph; the staged chain as a plain
    Python loop of stage sessions deciding after each exit (with compaction, as the executor);
-   the no-exit graph; and the **per-exit-path limit**: for every batch, a straight graph (no
-   decisions) of exactly the path that batch needs (segments up to the deepest exit any of its
-   samples takes, the heads of the deciding exits before it), composed from the same stage
-   graphs: what one call would cost if it knew in advance where to stop;
-2. through trt_exit's executor (what ``Executor.run`` costs, input checks included): strategy
+   the no-exit graph;
+2. the **per-exit-path limit** (plain ONNX Runtime): for each exit k a straight graph (no
+   decisions) of exactly the path to it (segments up to k, the heads of the deciding exits
+   before it), composed from the same stage graphs, timed on every batch beside the single
+   graph and the no-exit graph; the limit charges each batch the path its deepest sample needs:
+   what one call would cost if it knew in advance where to stop;
+3. through trt_exit's executor (what ``Executor.run`` costs, input checks included): strategy
    ``single_graph``, strategy ``stages`` and the no-exit graph (``run_full_model``);
-3. at batch 1, single-graph variants that show what each cut is worth: without folding the
+4. at batch 1, single-graph variants that show what each cut is worth: without folding the
    shape arithmetic, ONNX Runtime's graph optimization at ``extended`` and ``basic`` instead of
    ``all``, and the thresholds as a constant (not overridable, so ONNX Runtime can fold them).
 
@@ -236,13 +238,17 @@ def run(model_dir: str, precision: str, batches: list[int], passes: int, warmup:
                 _, _, graph_index = plain["single graph"].run(None, part)
                 np.testing.assert_array_equal(staged(part)[2], graph_index)
                 np.testing.assert_array_equal(graph_index, exits_all[i * size : (i + 1) * size])
-            # Three sets, each interleaved in itself (more sessions in one rotation evict each
-            # other's code and data from the caches and slow every variant alike).
+            # Sets of variants, each interleaved in itself (more sessions in one rotation evict
+            # each other's code and data from the caches and slow every variant alike).
             sets = [{
                 "plain ORT: single graph": lambda x, b: plain["single graph"].run(None, x),
                 "plain ORT: staged chain": lambda x, b: staged(x),
                 "plain ORT: no-exit": lambda x, b: plain["no-exit"].run(None, x),
-                "plain ORT: per-exit-path limit": lambda x, b: paths[deepest[b]].run(None, x),
+            }, {
+                "limit set: single graph": lambda x, b: plain["single graph"].run(None, x),
+                "limit set: no-exit": lambda x, b: plain["no-exit"].run(None, x),
+                **{f"limit set: path to exit {k}": (lambda s: lambda x, b: s.run(None, x))(s)
+                   for k, s in paths.items()},
             }, {
                 "single graph": lambda x, b: executor.run(x, policy, "single_graph"),
                 "stages": lambda x, b: executor.run(x, policy, "stages"),
@@ -255,6 +261,10 @@ def run(model_dir: str, precision: str, batches: list[int], passes: int, warmup:
             times = {}
             for variants in sets:
                 times.update(interleaved(parts, variants, rounds, warmup))
+            # the limit: each batch at the cost of the path its deepest sample needs
+            path_of = np.array(deepest)
+            times["limit set: per-exit-path limit"] = np.stack(
+                [times[f"limit set: path to exit {k}"][:, b] for b, k in enumerate(path_of)], 1)
             means = {name: float(t.mean()) for name, t in times.items()}
             entry = {"batches": len(parts), "passes": rounds, "mean_ms": means,
                      "p50_ms": {name: float(np.median(t)) for name, t in times.items()}}
@@ -266,8 +276,12 @@ def run(model_dir: str, precision: str, batches: list[int], passes: int, warmup:
                     means["plain ORT: single graph"] / means["plain ORT: staged chain"],
                 "plain ORT: single graph / no-exit":
                     means["plain ORT: single graph"] / means["plain ORT: no-exit"],
-                "plain ORT: limit / no-exit":
-                    means["plain ORT: per-exit-path limit"] / means["plain ORT: no-exit"],
+                "limit set: single graph / no-exit":
+                    means["limit set: single graph"] / means["limit set: no-exit"],
+                "limit set: limit / no-exit":
+                    means["limit set: per-exit-path limit"] / means["limit set: no-exit"],
+                "limit set: single graph / limit":
+                    means["limit set: single graph"] / means["limit set: per-exit-path limit"],
             }
             if size == 1:
                 per_exit = {}
@@ -278,11 +292,17 @@ def run(model_dir: str, precision: str, batches: list[int], passes: int, warmup:
                             "samples": int(rows.sum()),
                             **{name: float(times[name][:, rows].mean()) for name in
                                ("single graph", "stages", "plain ORT: single graph",
-                                "plain ORT: staged chain", "plain ORT: per-exit-path limit")}}
+                                "plain ORT: staged chain", "limit set: single graph",
+                                "limit set: per-exit-path limit")}}
                 entry["per_exit_ms"] = per_exit
             report["batches"][str(size)] = entry
     report["exit_fractions"] = (np.bincount(exits_all, minlength=manifest.num_exits)
                                 / count).tolist()
+    # The rough limit of the issue: each sample's path at its share of the backbone's blocks
+    # (no exit heads, no per-call or per-node overhead), as a fraction of the no-exit graph.
+    depth = manifest.exits[-1].after_block
+    report["block_share_limit_ratio"] = float(sum(
+        f * manifest.exits[k].after_block / depth for k, f in enumerate(report["exit_fractions"])))
     if profile:
         report["ort_profile_batch_1"] = ort_profile(
             str(manifest.early_exit_graph_path(precision)), threads, inputs, plan)
@@ -297,15 +317,16 @@ def format_report(report: dict) -> str:
              f"ONNX Runtime {report['threads']} intra-op thread(s), exit fractions "
              f"{', '.join(f'{f:.3f}' for f in report['exit_fractions'])}; mean ms per batch", ""]
     lines.append(f"{'batch':>5} | {'plain ORT: single graph':>23} {'staged chain':>12} "
-                 f"{'no-exit':>8} {'limit':>8} | {'graph/staged':>12} {'graph/no-exit':>13} "
-                 f"{'limit/no-exit':>13}")
+                 f"{'no-exit':>8} | {'graph/staged':>12} {'graph/no-exit':>13} | "
+                 f"{'limit set: graph/no-exit':>24} {'limit/no-exit':>13} {'graph/limit':>11}")
     for size, entry in report["batches"].items():
         m, r = entry["mean_ms"], entry["ratios"]
         lines.append(
             f"{size:>5} | {m['plain ORT: single graph']:23.3f} {m['plain ORT: staged chain']:12.3f} "
-            f"{m['plain ORT: no-exit']:8.3f} {m['plain ORT: per-exit-path limit']:8.3f} | "
-            f"{r['plain ORT: single graph / staged chain']:12.2f} "
-            f"{r['plain ORT: single graph / no-exit']:13.2f} {r['plain ORT: limit / no-exit']:13.2f}")
+            f"{m['plain ORT: no-exit']:8.3f} | {r['plain ORT: single graph / staged chain']:12.2f} "
+            f"{r['plain ORT: single graph / no-exit']:13.2f} | "
+            f"{r['limit set: single graph / no-exit']:24.2f} {r['limit set: limit / no-exit']:13.2f} "
+            f"{r['limit set: single graph / limit']:11.2f}")
     lines += ["", f"{'batch':>5} | {'Executor: single_graph':>22} {'stages':>8} "
                   f"{'no-exit':>8} | {'graph/stages':>12} {'graph/no-exit':>13}"]
     for size, entry in report["batches"].items():
@@ -314,12 +335,12 @@ def format_report(report: dict) -> str:
                      f"| {r['single graph / stages']:12.2f} {r['single graph / no-exit']:13.2f}")
     one = report["batches"].get("1")
     if one:
-        lines += ["", "batch 1 by the exit taken (mean ms): exit, samples, plain ORT single graph, "
-                      "staged chain, limit; Executor single_graph, stages"]
+        lines += ["", "batch 1 by the exit taken (mean ms): exit, samples | plain ORT single graph, "
+                      "staged chain | limit set: single graph, path | Executor single_graph, stages"]
         for k, e in one["per_exit_ms"].items():
-            lines.append(f"  {k} {e['samples']:4d}  {e['plain ORT: single graph']:.3f} "
-                         f"{e['plain ORT: staged chain']:.3f} "
-                         f"{e['plain ORT: per-exit-path limit']:.3f};  {e['single graph']:.3f} "
+            lines.append(f"  {k} {e['samples']:4d} | {e['plain ORT: single graph']:.3f} "
+                         f"{e['plain ORT: staged chain']:.3f} | {e['limit set: single graph']:.3f} "
+                         f"{e['limit set: per-exit-path limit']:.3f} | {e['single graph']:.3f} "
                          f"{e['stages']:.3f}")
         lines += ["", "batch 1, plain ORT, single graph variants (mean ms, interleaved among "
                       "themselves):"]
@@ -333,7 +354,9 @@ def format_report(report: dict) -> str:
         lines += [f"  {k}: {v:.1f} us" for k, v in prof["parts_us_per_run"].items()]
         lines += [f"  If {k}: {v['calls_per_run']:.2f} calls/run, {v['inclusive_us_per_call']:.1f} "
                   f"us per call incl. branch" for k, v in prof["if_nodes"].items()]
-    lines.append(f"\nload average (1 min) before / after: {report['load_average_1min']['before']:.2f}"
+    lines.append(f"\nblock-share estimate of the limit (each path at its share of the backbone's "
+                 f"blocks, nothing else): {report['block_share_limit_ratio']:.2f} x no-exit")
+    lines.append(f"load average (1 min) before / after: {report['load_average_1min']['before']:.2f}"
                  f" / {report['load_average_1min']['after']:.2f}")
     return "\n".join(lines)
 
