@@ -154,6 +154,9 @@ class Manifest:
     calibration: dict[str, Any] = field(default_factory=dict)
     build: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)
+    #: The whole exit chain as one ONNX graph per precision (``onnx/<p>/early_exit.onnx``, see
+    #: :mod:`trt_exit.export.early_exit_graph`).
+    early_exit_graph: dict[str, FileRef] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     #: Directory the manifest lives in (not serialized).
     root: Path = field(default=Path("."), repr=False, compare=False)
@@ -289,6 +292,27 @@ class Manifest:
         what = f"full model ({precision})"
         return self.verified_path(ref, what) if verify else self.resolve(ref, what)
 
+    def early_exit_graph_path(self, precision: str = "fp32", verify: bool = True) -> Path:
+        """Path of the single early-exit graph of ``precision``, verified against its hash."""
+        if precision not in self.early_exit_graph:
+            have = ", ".join(sorted(self.early_exit_graph)) or "none"
+            raise ManifestError(
+                f"{self.path}: no {precision} early-exit graph (has: {have}); write it with "
+                f"trt-exit export (fp32) or trt-exit precision {self.root} --precision {precision}")
+        ref = self.early_exit_graph[precision]
+        what = f"early-exit graph ({precision})"
+        return self.verified_path(ref, what) if verify else self.resolve(ref, what)
+
+    def early_exit_graph_io(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        """The tensors the single early-exit graph declares (its thresholds input, which has a
+        default, is not among the inputs), as the manifest expects them."""
+        final = self.exit_stage(self.num_exits - 1)
+        output = next(t for t in final.outputs if t.name == tn.exit_output(self.num_exits - 1))
+        return list(self.inputs), [
+            TensorSpec(tn.EARLY_EXIT_OUTPUT, list(output.shape), output.dtype),
+            TensorSpec(tn.EARLY_EXIT_CONFIDENCE, [-1], "float32"),
+            TensorSpec(tn.EARLY_EXIT_INDEX, [-1], "int64")]
+
     def checkpoint_path(self, verify: bool = True) -> Path:
         """Path of the PyTorch checkpoint the graphs were exported from (torch backend)."""
         ref = self.model.get("checkpoint")
@@ -311,6 +335,10 @@ class Manifest:
                 path = self.full_model_path(precision)
                 check_onnx_io(f"full model ({precision})", path, self.full_model["inputs"],
                               self.full_model["outputs"])
+        for precision in self.early_exit_graph:
+            if precisions is None or precision in precisions:
+                path = self.early_exit_graph_path(precision)
+                check_onnx_io(f"early-exit graph ({precision})", path, *self.early_exit_graph_io())
 
     def owned_file(self, path: str | os.PathLike) -> str | None:
         """Why ``path`` is one of this model's files (the manifest, a file it lists, or a file
@@ -343,7 +371,7 @@ class Manifest:
         data.pop("root")
         return {"format_version": data.pop("format_version"), **data}
 
-    def save(self, root: str | os.PathLike | None = None) -> Path:
+    def save(self, root: str | os.PathLike | None = None, lock_held: bool = False) -> Path:
         """Writes ``manifest.json`` atomically into ``root`` (default: its own directory).
 
         Safe against other processes writing the same manifest: under the directory's lock
@@ -351,7 +379,9 @@ class Manifest:
         since it was loaded (or last saved) is applied to it, so another command's changes
         made meanwhile are kept (where both changed one field, this save's value wins). A new
         manifest (made in memory, not loaded) replaces the file. Stale temporaries of killed
-        writers are removed under the same lock.
+        writers are removed under the same lock. ``lock_held``: the caller holds
+        :func:`manifest_lock` of this directory already (it wrote a file the manifest lists
+        under the same lock, so readers see both changes or neither).
         """
         if root is not None and Path(root).resolve() != Path(self.root).resolve():
             self.root = Path(root)
@@ -360,7 +390,7 @@ class Manifest:
         # Refused before anything is touched: NaN / Infinity, and whatever load would refuse
         # (checked as JSON reads it back: tuples become lists).
         check_manifest_data(json.loads(json_text(ours)), f"{self.path} (not written)")
-        with manifest_lock(self.root):
+        with contextlib.nullcontext() if lock_held else manifest_lock(self.root):
             remove_stale_temporaries(self.root)
             merged = ours
             if self._base is not None:
@@ -401,6 +431,7 @@ class Manifest:
             s["outputs"] = [TensorSpec(**t) for t in s["outputs"]]
             s["onnx"] = {p: FileRef(**ref) for p, ref in s.get("onnx", {}).items()}
             stages.append(StageEntry(**s))
+        graphs = {p: FileRef(**ref) for p, ref in data.get("early_exit_graph", {}).items()}
         full = dict(data.get("full_model", {}))
         if "onnx" in full:
             full["onnx"] = {p: FileRef(**ref) for p, ref in full["onnx"].items()}
@@ -414,6 +445,7 @@ class Manifest:
             stages=stages,
             exits=[ExitEntry(**e) for e in data["exits"]],
             full_model=full,
+            early_exit_graph=graphs,
         )
         return cls(**rest, root=root)
 

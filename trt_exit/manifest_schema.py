@@ -708,6 +708,8 @@ def _tuning(check: _Checker, value: Any, field: str, data: dict) -> None:
             check.str(tuning["metric"], f"{where}.metric", 100)
         if "stage_latency_ms" in tuning:
             _latencies(check, tuning["stage_latency_ms"], f"{where}.stage_latency_ms")
+        if "strategy" in tuning:
+            _strategy_choice(check, tuning["strategy"], f"{where}.strategy")
 
 
 def _latency_profile(check: _Checker, value: Any, field: str, data: dict) -> None:
@@ -740,6 +742,21 @@ def _record(check: _Checker, value: Any, field: str, data: dict) -> None:
 
 #: Top-level sections and their checks, run in this order (later ones may rely on earlier
 #: ones: exits on stages). The first four are required.
+def _early_exit_graph(check: _Checker, value: Any, field: str, data: dict) -> None:
+    """The whole exit chain as one ONNX graph: one file per precision (issue 21)."""
+    _graphs(check, value, field)
+
+
+def _strategy_choice(check: _Checker, value: Any, field: str) -> None:
+    """``tuning.<precision>.strategy``: the tuner's choice between the stages and the single
+    graph (issue 21), read by the host executor's ``auto``."""
+    choice = check.dict(value, field)
+    if "default" in choice:
+        check.choice(choice["default"], f"{field}.default", ("stages", "single_graph"))
+    if "single_graph_max_batch" in choice:
+        check.int(choice["single_graph_max_batch"], f"{field}.single_graph_max_batch", 0)
+
+
 SECTIONS: dict[str, Callable[[_Checker, Any, str, dict], None]] = {
     "model": _model,
     "inputs": _inputs,
@@ -754,6 +771,7 @@ SECTIONS: dict[str, Callable[[_Checker, Any, str, dict], None]] = {
     "parity": _record,
     "build": _record,
     "export": _record,
+    "early_exit_graph": _early_exit_graph,
 }
 REQUIRED_SECTIONS = ("model", "inputs", "stages", "exits")
 

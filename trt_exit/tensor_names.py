@@ -50,6 +50,21 @@ def stage_name(kind: str, index: int) -> str:
 #: The baseline graph: backbone and final head in one graph, no exit heads.
 FULL_MODEL = "full"
 
+#: The single early-exit graph: the whole exit chain in one graph with nested ``If`` nodes
+#: (:mod:`trt_exit.export.early_exit_graph`); its file is ``onnx/<precision>/early_exit.onnx``.
+EARLY_EXIT_GRAPH = "early_exit"
+#: Its extra input: (E - 1,) float32, one confidence threshold per early exit, in exit order.
+#: A graph input with an initializer of the same name, so the tuned thresholds are the default
+#: and a caller may pass others. A value above 1 never exits there; the entry of an exit that
+#: is not in the graph (disabled by tuning) is not read.
+THRESHOLDS = "thresholds"
+#: Its outputs: the output (B, K) float32 of the exit each sample took ...
+EARLY_EXIT_OUTPUT = "output"
+#: ... that exit's confidence (B,) float32 ...
+EARLY_EXIT_CONFIDENCE = "confidence"
+#: ... and the exit's index (B,) int64 (the final head is ``num_exits - 1``).
+EARLY_EXIT_INDEX = "exit_index"
+
 _EXIT_OUTPUT = re.compile(r"^exit_(\d+)_output$")
 
 

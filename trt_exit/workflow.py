@@ -176,14 +176,18 @@ def tune_step(manifest: Manifest, val: Dataset, backend: str = "onnxruntime",
         profile_repeats: Timed runs per stage.
         apply: Store the thresholds with the exits (the default policy of every executor) and
             the stage profile as the manifest's ``latency_profile``; otherwise both are stored
-            only under ``tuning[precision]``.
+            only under ``tuning[precision]``. Either way the single early-exit graphs get the
+            thresholds as their defaults, and ``tuning[precision]["strategy"]`` records which
+            of ``stages`` and ``single_graph`` ran faster (the executor's default).
         floor_confidence: Confidence level at which the floor must hold over the split's
             sampling noise (None: on the split itself); see :mod:`trt_exit.runtime.tuning`.
     """
+    from trt_exit.export.early_exit_writer import write_early_exit_graphs
     from trt_exit.profiling.environment import machine_info
     from trt_exit.profiling.timers import measure_stage_latency
     from trt_exit.runtime.executor import Executor
     from trt_exit.runtime.policies import AllExitsPolicy
+    from trt_exit.runtime.single_graph import compare_strategies
     from trt_exit.runtime.tuning import state_providers, tune_thresholds
 
     if isinstance(profile_repeats, bool) or not isinstance(profile_repeats, int) or profile_repeats < 1:
@@ -211,12 +215,25 @@ def tune_step(manifest: Manifest, val: Dataset, backend: str = "onnxruntime",
             entry.threshold = threshold if threshold is not None else 1.0
         manifest.operating_points = [p.to_dict() for p in tuning.points]
     manifest.save()
+    # The single graphs take the new thresholds as their defaults (every precision whose
+    # thresholds changed), and the faster way to run this precision becomes the default.
+    # (A model directory exported before the single graph existed gets it here.)
+    write_early_exit_graphs(manifest, manifest.precisions(), samples=val.inputs)
+    if backend == "onnxruntime":
+        with Executor(manifest, backend, precision) as executor:
+            choice = compare_strategies(executor, val.inputs)
+    else:
+        choice = {"default": "stages", "why": f"the single graph runs on ONNX Runtime only; "
+                                              f"this profile ran on {backend}"}
+    manifest.tuning[precision]["strategy"] = choice
+    manifest.save()
     return manifest
 
 
 def _timed_passes(executor, test: Dataset, passes: int, policies: dict[str, Any]) -> dict[str, list[float]]:
-    """Per-sample latency (batch 1) of each policy (``"full"`` = the baseline graph),
-    interleaved sample by sample in rotating order so drift touches all of them alike."""
+    """Per-sample latency (batch 1) of each policy (``"full"`` = the baseline graph; a
+    ``(policy, strategy)`` pair runs the policy with that strategy), interleaved sample by
+    sample in rotating order so drift touches all of them alike."""
     names = list(policies)
     samples: dict[str, list[float]] = {name: [] for name in names}
     n = len(test)
@@ -226,7 +243,12 @@ def _timed_passes(executor, test: Dataset, passes: int, policies: dict[str, Any]
             shift = (i + p) % len(names)
             for name in names[shift:] + names[:shift]:
                 policy = policies[name]
-                result = executor.run_full_model(x) if policy == "full" else executor.run(x, policy)
+                if policy == "full":
+                    result = executor.run_full_model(x)
+                elif isinstance(policy, tuple):
+                    result = executor.run(x, *policy)
+                else:
+                    result = executor.run(x, policy)
                 samples[name].append(result.latency_ms)
     return samples
 
@@ -241,17 +263,47 @@ def evenly_spaced(samples: int, wanted: int | None) -> np.ndarray:
     return np.unique(np.linspace(0, samples - 1, wanted).round().astype(np.int64))
 
 
+def _same_decisions(executor, test: Dataset, policy) -> dict[str, int]:
+    """Samples whose exit and prediction the single graph and the stages agree on: at batch 1
+    and as one batch (the stages without compaction, as the single graph runs)."""
+    compact, executor.compact = executor.compact, False
+    try:
+        stages = executor.run(test.inputs, policy, "stages")
+        graph = executor.run(test.inputs, policy, "single_graph")
+        one_batch = int(np.sum((stages.exit_index == graph.exit_index)
+                               & _same_rows(stages.prediction, graph.prediction)))
+        batch_1 = 0
+        for i in range(len(test)):
+            x = {name: v[i : i + 1] for name, v in test.inputs.items()}
+            a, b = executor.run(x, policy, "stages"), executor.run(x, policy, "single_graph")
+            batch_1 += int(a.exit_index[0] == b.exit_index[0]
+                           and _same_rows(a.prediction, b.prediction)[0])
+    finally:
+        executor.compact = compact
+    return {"samples": len(test), "batch_1": batch_1, "one_batch": one_batch}
+
+
+def _same_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per row: equal classes, or regression values within 1e-4 (relative)."""
+    if a.ndim == 1:
+        return a == b
+    return np.all(np.abs(a - b) <= 1e-4 * np.maximum(1.0, np.abs(a)), axis=1)
+
+
 def evaluate_step(manifest: Manifest, test: Dataset, backend: str = "onnxruntime",
                   precision: str = "fp32", passes: int = 3, warmup: int = 50,
-                  time_each_exit: bool = True, timing_samples: int | None = None
-                  ) -> dict[str, Any]:
+                  time_each_exit: bool = True, timing_samples: int | None = None,
+                  strategy: str = "auto") -> dict[str, Any]:
     """Accuracy and latency of every exit and of the tuned operating point on ``test``.
 
     Latency is measured per sample at batch 1 (the streaming case early exits are for), in the
-    same run for every variant: the tuned early-exit policy, each exit forced (unless
-    ``time_each_exit`` is False: then the exits' ``latency_ms`` are None), and the no-exit
-    baseline graph (backbone and final head in one graph). Accuracy covers the whole split;
-    latency, with ``timing_samples``, that many evenly spaced samples of it.
+    same run for every variant: the tuned early-exit policy (with the executor's ``strategy``),
+    each exit forced (unless ``time_each_exit`` is False: then the exits' ``latency_ms`` are
+    None), and the no-exit baseline graph (backbone and final head in one graph). Accuracy
+    covers the whole split; latency, with ``timing_samples``, that many evenly spaced samples
+    of it. Where the model has the single early-exit graph of ``precision`` (ONNX Runtime), the
+    policy is also timed with each strategy, and ``single_graph`` says on how many samples the
+    graph and the stages agree (exit and prediction, at batch 1 and as one batch).
     """
     from trt_exit.runtime.executor import Executor, default_policy
     from trt_exit.runtime.policies import AllExitsPolicy, FixedExitPolicy
@@ -265,13 +317,16 @@ def evaluate_step(manifest: Manifest, test: Dataset, backend: str = "onnxruntime
         raise ConfigError(f"{manifest.path} has no tuned thresholds: run trt-exit tune first")
     task = manifest.task
     metric = metric_name(task)
-    with Executor(manifest, backend, precision) as executor:
+    with Executor(manifest, backend, precision, strategy=strategy) as executor:
         policy = default_policy(manifest, precision)
         everything = run_split(executor, test.inputs, AllExitsPolicy())
         early = run_split(executor, test.inputs, policy)
         full = run_split(executor, test.inputs, full_model=True)
+        one_graph = backend == "onnxruntime" and precision in manifest.early_exit_graph
         # Warm up every path, then time them interleaved.
         policies: dict[str, Any] = {"early_exit": policy, "full": "full"}
+        if one_graph:
+            policies.update({f"early_exit:{s}": (policy, s) for s in ("stages", "single_graph")})
         if time_each_exit:
             policies.update({f"exit_{k}": FixedExitPolicy(k) for k in range(manifest.num_exits)})
         warm = test.subset(np.arange(min(warmup, len(test))))
@@ -279,6 +334,9 @@ def evaluate_step(manifest: Manifest, test: Dataset, backend: str = "onnxruntime
         timed = test.subset(evenly_spaced(len(test), timing_samples))
         timings = _timed_passes(executor, timed, passes, policies)
         backend_info = executor.backend.describe()
+        x = {name: v[:1] for name, v in test.inputs.items()}
+        used = executor.run(x, policy).strategy
+        agree = _same_decisions(executor, test, policy) if one_graph else None
 
     per_exit = [exit_metric(everything.all_outputs[k], test.targets, task)
                 for k in range(manifest.num_exits)]
@@ -322,6 +380,16 @@ def evaluate_step(manifest: Manifest, test: Dataset, backend: str = "onnxruntime
                     "statistic": "mean over samples and passes",
                     "method": "interleaved per sample: early exit, each forced exit, full graph"},
     }
+    report["early_exit"]["strategy"] = used
+    if agree is not None:
+        report["single_graph"] = {
+            "mean_latency_ms": mean["early_exit:single_graph"],
+            "stages_mean_latency_ms": mean["early_exit:stages"],
+            "latency_ratio_vs_stages": mean["early_exit:single_graph"] / mean["early_exit:stages"],
+            "latency_ratio_vs_full": mean["early_exit:single_graph"] / mean["full"],
+            "same_exit_and_prediction": agree,
+            "file": manifest.early_exit_graph[precision].path,
+        }
     if task == "classification":
         # Identical decisions whichever way the batch was cut: batched vs. the per-sample runs.
         report["early_exit"]["errors"] = int(per_sample_loss(early.output[None], test.targets, task).sum())
@@ -361,6 +429,17 @@ def format_report(report: dict[str, Any]) -> str:
         f"no-exit baseline (backbone + final head, one graph): {ee['full_latency_ms']:.3f} ms",
         f"speedup {ee['speedup']:.2f}x (early-exit latency = {ee['latency_ratio']:.2f} x baseline)",
     ]
+    one = report.get("single_graph")
+    if one:
+        agree = one["same_exit_and_prediction"]
+        lines += [
+            f"single graph ({one['file']}): {one['mean_latency_ms']:.3f} ms = "
+            f"{one['latency_ratio_vs_stages']:.2f} x the stages ({one['stages_mean_latency_ms']:.3f} "
+            f"ms), {one['latency_ratio_vs_full']:.2f} x baseline; same exit and prediction as "
+            f"the stages on {agree['batch_1']}/{agree['samples']} samples at batch 1, "
+            f"{agree['one_batch']}/{agree['samples']} as one batch",
+            f"(the early-exit latency above ran with strategy {ee['strategy']})",
+        ]
     precisions = report.get("precisions")
     if precisions:
         lines += ["", f"{'precision':<9} {'per-exit ' + metric:<32} {'final':>8} {'early exit':>10} "
@@ -374,6 +453,14 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"{name:<9} {per_exit:<32} {fmt(entry['final_' + metric]):>8} "
                          f"{fmt(point[metric]):>10} {point['mean_latency_ms']:7.3f}ms "
                          f"{point['full_latency_ms']:7.3f}ms {point['speedup']:6.2f}x")
+        graphs = [(name, precisions[name]["single_graph"]) for name in ("fp32", "fp16", "int8")
+                  if name in precisions and precisions[name].get("single_graph")]
+        if graphs:
+            lines.append("single graph: " + ", ".join(
+                f"{name} {g['mean_latency_ms']:.3f}ms (same exit and prediction "
+                f"{g['same_exit_and_prediction']['batch_1']}/{g['same_exit_and_prediction']['samples']}"
+                f" at batch 1, {g['same_exit_and_prediction']['one_batch']} as one batch)"
+                for name, g in graphs))
         lines.append("(all on the CPU with " + precisions.get("backend", report["backend"]) +
                      "; FP16/INT8 latency on a CPU is no guide to a GPU)")
     return "\n".join(lines)

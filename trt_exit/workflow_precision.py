@@ -50,6 +50,7 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
                        "full_latency_ms": ee["full_latency_ms"], "speedup": ee["speedup"],
                        "thresholds": ee["thresholds"], "exit_fractions": ee["exit_fractions"]},
         "latency_passes": report["latency"]["passes"],
+        "single_graph": report.get("single_graph"),
     }
 
 

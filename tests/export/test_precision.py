@@ -279,3 +279,27 @@ def test_cli_calibrate_and_precision(tiny_export, fresh_copy, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "fp16:" in out and "top-1 agreement" in out
     assert Manifest.load(root, verify=True).precisions() == ["fp32", "fp16"]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_each_precision_gets_its_single_early_exit_graph(tiny_precisions, digits, precision):
+    """The precision pass writes the chain as one graph too; it decides as that precision's
+    stage graphs do (Q/DQ graphs keep their shape arithmetic: see early_exit_graph._QDQ)."""
+    from trt_exit.runtime.policies import ThresholdPolicy
+
+    manifest = Manifest.load(tiny_precisions, verify=True)
+    assert manifest.early_exit_graph[precision].path == f"onnx/{precision}/early_exit.onnx"
+    assert manifest.parity[precision]["early_exit_graph"]["results_compared"] > 0
+    images = digits["test"].inputs["image"][:96]
+    conf = _all_exits(manifest, precision, images).all_confidences
+    policy = ThresholdPolicy([float(np.median(conf[0])), float(np.median(conf[1]))])
+    with Executor(manifest, precision=precision, compact=False) as executor:
+        untuned = executor.run(images, strategy="single_graph")  # the file: final exit only
+        assert untuned.strategy == "single_graph" and (untuned.exit_index == 2).all()
+        for size in (1, 96):
+            for start in range(0, 8 if size == 1 else 96, size):
+                x = images[start : start + size]
+                stages = executor.run(x, policy, "stages")
+                graph = executor.run(x, policy, "single_graph")
+                np.testing.assert_array_equal(graph.exit_index, stages.exit_index)
+                np.testing.assert_allclose(graph.output, stages.output, rtol=0, atol=1e-4)

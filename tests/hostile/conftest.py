@@ -97,7 +97,8 @@ def damage(document: dict, data, values) -> dict:
             if data.draw(st.booleans()) and isinstance(node, dict):
                 node.pop(path[-1], None)
             else:
-                node[path[-1]] = data.draw(values)
+                # A copy: strategies hand out the same list / dict object every time.
+                node[path[-1]] = copy.deepcopy(data.draw(values))
         except (KeyError, IndexError, TypeError):
             continue  # an earlier edit removed the branch
     return document

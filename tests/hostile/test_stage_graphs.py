@@ -105,7 +105,7 @@ def test_a_failing_graph_is_a_stage_error(model, digits, capsys, sample_file):
 
 def test_any_backend_exception_names_the_stage(model, digits):
     """The host executor wraps a backend's own exception (any backend) with the stage name."""
-    with Executor(model) as executor:
+    with Executor(model, strategy="stages") as executor:  # auto may run the single graph
         runner = executor.runners["segment_0"]
 
         def broken(feeds):

@@ -97,7 +97,7 @@ def test_the_profile_records_the_executors_strategy_and_its_runs(tiny_export, di
         plain = profile_executor(host, images, "onnxruntime",
                                  ProfileConfig(samples=2, warmup=0, stage_repeats=1))
     assert plain["executor"] == {"executor": "Executor"}
-    assert plain["end_to_end"]["strategies"] == {}
+    assert plain["end_to_end"]["strategies"] == {"stages": 2}  # the host executor's (issue 21)
 
 
 # --------------------------------------------------------------------------- 6. IF nodes

@@ -112,3 +112,55 @@ def test_stock_tritonserver_serves_the_exported_repository(tiny_tuned, digits, t
     # (2 x 40 + 2 x 2 answered + 2 x 2 refused); the exit counters count answered samples.
     served = re.search(r'nv_inference_count\{model="%s",version="1"\} (\d+)' % MODEL, metrics)
     assert served and int(served.group(1)) == 88, metrics
+
+
+def test_onnxruntime_model_holds_the_single_graph(tiny_tuned, tmp_path):
+    repo = tmp_path / "repo"
+    assert main(["triton-repo", str(tiny_tuned), "--out", str(repo), "--onnxruntime-model"]) == 0
+    model = repo / f"{MODEL}_onnx"
+    manifest = Manifest.load(tiny_tuned)
+    graph = model / "1" / "model.onnx"
+    assert graph.read_bytes() == manifest.early_exit_graph_path("fp32").read_bytes()
+    config = (model / "config.pbtxt").read_text()
+    assert 'backend: "onnxruntime"' in config and "dynamic_batching" in config
+    assert f'name: "{MODEL}_onnx"' in config and "kind: KIND_CPU" in config
+    assert (repo / MODEL / "config.pbtxt").is_file()  # the Python-backend model beside it
+    assert f"`{MODEL}_onnx`" in (repo / "README.md").read_text()
+
+
+@pytest.mark.serve
+def test_onnxruntime_model_config_is_a_triton_model_config_of_its_graph(tiny_tuned, tmp_path):
+    """What can be checked without Triton's onnxruntime backend (PyTriton's tritonserver has the
+    Python backend only): the config parses as Triton's ModelConfig protobuf, and its tensors
+    are the graph's as ONNX Runtime reports them (names, dtypes, per-sample dims; a (B,) output
+    is dims [1] reshaped to [], Triton's convention), with a dynamic batch on every one."""
+    import onnxruntime as ort
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    repo = tmp_path / "repo"
+    assert main(["triton-repo", str(tiny_tuned), "--out", str(repo), "--onnxruntime-model",
+                 "--max-batch", "16", "--instances", "2", "--max-queue-delay-us", "200"]) == 0
+    model = repo / f"{MODEL}_onnx"
+    config = text_format.Parse((model / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert (config.name, config.backend, config.max_batch_size) == (f"{MODEL}_onnx",
+                                                                    "onnxruntime", 16)
+    assert config.dynamic_batching.max_queue_delay_microseconds == 200
+    assert [(g.count, g.kind) for g in config.instance_group] == [(2, mc.ModelInstanceGroup.KIND_CPU)]
+    assert config.parameters["intra_op_thread_count"].string_value == "1"
+    session = ort.InferenceSession(str(model / "1" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    types = {"tensor(float)": mc.TYPE_FP32, "tensor(int64)": mc.TYPE_INT64}
+    for declared, actual in ((config.input, session.get_inputs()),
+                             (config.output, session.get_outputs())):
+        assert [t.name for t in declared] == [a.name for a in actual]
+        for tensor, value in zip(declared, actual):
+            assert tensor.data_type == types[value.type]
+            assert isinstance(value.shape[0], str)  # dynamic batch
+            per_sample = list(value.shape[1:])
+            if per_sample:
+                assert list(tensor.dims) == per_sample and not tensor.HasField("reshape")
+            else:
+                assert list(tensor.dims) == [1] and list(tensor.reshape.shape) == []
+    # the thresholds input has its default: not a request input
+    assert [i.name for i in session.get_overridable_initializers()] == ["thresholds"]

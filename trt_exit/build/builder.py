@@ -164,6 +164,7 @@ def deploy_copy(manifest: Manifest, out_dir: str | Path) -> Manifest:
     previous = Manifest.load(out) if (out / MANIFEST_NAME).is_file() else None
     refs = [(ref, f"{s.name} ({p})") for s in manifest.stages for p, ref in s.onnx.items()]
     refs += [(ref, f"full ({p})") for p, ref in manifest.full_model.get("onnx", {}).items()]
+    refs += [(ref, f"early-exit graph ({p})") for p, ref in manifest.early_exit_graph.items()]
     for record, what in ((manifest.calibration.get("file"), "calibration set"),
                          (manifest.model.get("checkpoint"), "checkpoint")):
         if record:

@@ -34,12 +34,24 @@ def add_backend_options(parser: argparse.ArgumentParser) -> None:
                        help="onnxruntime: intra-op threads per stage (default 1)")
 
 
+def add_strategy_option(parser: argparse.ArgumentParser) -> None:
+    """``--strategy``: how the host executor drives the chain (ONNX Runtime)."""
+    from trt_exit.runtime.single_graph import STRATEGIES
+
+    parser.add_argument(
+        "--strategy", default="auto", choices=STRATEGIES,
+        help="onnxruntime: stages (one call per stage), single_graph (the whole chain in one "
+             "graph, one call per batch) or auto (default: what trt-exit tune measured faster "
+             "here)")
+
+
 def open_executor(manifest, backend: str, precision: str, policy=None, threads: int = 1,
-                  max_batch: int | None = None):
+                  max_batch: int | None = None, strategy: str = "auto"):
     """An executor for ``manifest``: the CUDA executor for GPU backends when it is available,
     else the host :class:`~trt_exit.runtime.executor.Executor`. Both have
     ``run(inputs, policy) -> ExitResults`` and are context managers. ``max_batch``: the largest
-    batch the CUDA executor allocates for (its default when None)."""
+    batch the CUDA executor allocates for (its default when None). ``strategy``: the host
+    executor's (``auto``, ``stages``, ``single_graph``)."""
     from trt_exit.runtime.executor import Executor
 
     if backend in ("torch", "tensorrt"):
@@ -61,7 +73,8 @@ def open_executor(manifest, backend: str, precision: str, policy=None, threads: 
                     f"--backend {backend} needs an NVIDIA GPU ({reason}); run the same model "
                     f"directory on the CPU with --backend onnxruntime") from exc
     options = {"threads": threads} if backend == "onnxruntime" else {}
-    return Executor(manifest, backend, precision, policy=policy, backend_options=options)
+    return Executor(manifest, backend, precision, policy=policy, backend_options=options,
+                    strategy=strategy)
 
 
 def deadline_policy(manifest, budget_ms: float, backend: str):
@@ -167,10 +180,13 @@ def _count_executor(args: argparse.Namespace, manifest, policy, stop: threading.
     """The in-process executor, or with ``--server`` one that sends frames to a server (and
     waits up to ``--reconnect-s`` for a server that stops answering, e.g. while it restarts)."""
     if not args.server:
-        return open_executor(manifest, args.backend, args.precision, policy, args.threads)
+        return open_executor(manifest, args.backend, args.precision, policy, args.threads,
+                             strategy=args.strategy)
     if policy is not None:
         raise ConfigError("--budget-ms and --server: the served model's exit policy is the "
                           "server's (start trt-exit serve with --policy deadline:MS)")
+    if args.strategy != "auto":
+        raise ConfigError("--strategy and --server: the server runs the model its own way")
     from trt_exit.serving.client import RemoteExecutor
 
     return RemoteExecutor(args.server, manifest, reconnect_s=args.reconnect_s, stop_event=stop)
@@ -233,6 +249,7 @@ def register(subparsers) -> None:
                    help="model directory with manifest.json (ONNX graphs for onnxruntime, "
                         "engines for tensorrt)")
     add_backend_options(p)
+    add_strategy_option(p)
     p.add_argument("--server", type=URI, metavar="URL",
                    help="run the model on a Triton server (trt-exit serve) instead of here: "
                         "grpc://HOST:8001 or http://HOST:8000 (optionally /MODEL_NAME); "
@@ -265,4 +282,5 @@ def register(subparsers) -> None:
     p.set_defaults(func=_count)
 
 
-__all__ = ["add_backend_options", "deadline_policy", "open_executor", "register", "with_options"]
+__all__ = ["add_backend_options", "add_strategy_option", "deadline_policy", "open_executor",
+           "register", "with_options"]

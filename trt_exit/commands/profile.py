@@ -85,7 +85,8 @@ def _profile(args: argparse.Namespace) -> int:
     inputs, described = load_profile_inputs(manifest, args.inputs, args.input_samples)
     config = ProfileConfig(samples=args.samples, warmup=args.warmup,
                            stage_repeats=args.stage_repeats, batch=args.batch)
-    with open_executor(manifest, args.backend, args.precision, policy, args.threads) as executor:
+    with open_executor(manifest, args.backend, args.precision, policy, args.threads,
+                       strategy=args.strategy) as executor:
         report = profile_executor(executor, inputs, args.backend, config, policy, described)
     report["command"] = _command_line(args)
     atomic_write_json(out / "profile.json", report)
@@ -115,7 +116,7 @@ def _command_line(args: argparse.Namespace) -> str:
              "--samples", str(args.samples), "--warmup", str(args.warmup), "--stage-repeats",
              str(args.stage_repeats), "--batch", str(args.batch)]
     if args.backend == "onnxruntime":
-        parts += ["--threads", str(args.threads)]
+        parts += ["--threads", str(args.threads), "--strategy", args.strategy]
     if args.policy:
         parts += ["--policy", args.policy]
     if args.budget_ms:
@@ -134,7 +135,7 @@ def _nsys(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Adds ``profile`` and ``nsys``."""
-    from trt_exit.commands.pipelines import add_backend_options
+    from trt_exit.commands.pipelines import add_backend_options, add_strategy_option
 
     p = subparsers.add_parser(
         "profile", help="per-stage and end-to-end latency, exit histogram, plots",
@@ -144,6 +145,7 @@ def register(subparsers) -> None:
                     "On a Jetson it records the power mode and clocks.")
     p.add_argument("dir", type=PATH, help="model directory with manifest.json")
     add_backend_options(p)
+    add_strategy_option(p)
     p.add_argument("--policy", type=TEXT,
                    help="thresholds (default), thresholds:T0,T1,..., fixed:K, all")
     p.add_argument("--budget-ms", type=POSITIVE, help="deadline policy with this budget")

@@ -58,7 +58,8 @@ def _triton_repo(args: argparse.Namespace) -> int:
         model_dir=args.dir, out=args.out, model_name=args.model_name, backend=args.backend,
         precision=args.precision, threads=args.threads, policy=args.policy,
         max_batch=args.max_batch, max_queue_delay_us=args.max_queue_delay_us,
-        instance_kind=args.instance_kind, instances=args.instances, reference=args.reference))
+        instance_kind=args.instance_kind, instances=args.instances, reference=args.reference,
+        onnxruntime_model=args.onnxruntime_model))
     print(f"wrote {model.parent} (model {model.name}); start it with: tritonserver "
           f"--model-repository={model.parent.resolve()}  (or, with the tritonserver bundled in "
           f"nvidia-pytriton: trt-exit tritonserver --model-repository={model.parent}; see "
@@ -154,6 +155,9 @@ def register(subparsers) -> None:
                    help="repository directory to create")
     p.add_argument("--instance-kind", default="auto", choices=("auto", "cpu", "gpu"),
                    help="instance group kind (auto: gpu for torch/tensorrt, else cpu)")
+    p.add_argument("--onnxruntime-model", action="store_true",
+                   help="also write NAME_onnx: the single early-exit graph (--precision) for "
+                        "Triton's onnxruntime backend, no Python in the request path")
     p.add_argument("--reference", action="store_true",
                    help="point at DIR by absolute path instead of copying the model files")
     p.set_defaults(func=_triton_repo)

@@ -20,6 +20,7 @@ from trt_exit.commands.options import (
     confidence_level,
     number,
 )
+from trt_exit.commands.pipelines import add_strategy_option
 from trt_exit.errors import ConfigError, OutputError
 from trt_exit.fileio import check_input_file, check_output_dir, check_output_file
 from trt_exit.runtime import DEFAULT_CHUNK, DEFAULT_FLOOR_CONFIDENCE
@@ -292,7 +293,8 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         info = dataset_of(manifest)
         data = load_splits(info["name"], info["seed"], info.get("options"))[args.split or "test"]
-    report = evaluate_step(manifest, data, args.backend, args.precision, args.passes)
+    report = evaluate_step(manifest, data, args.backend, args.precision, args.passes,
+                           strategy=args.strategy)
     if data.info.get("skipped_images"):
         report["skipped_images"] = data.info["skipped_images"]
     print(format_report(report))
@@ -378,7 +380,7 @@ def _run(args: argparse.Namespace) -> int:
         if output is not None and output.resolve() in {Path(p).resolve() for p in images.paths}:
             raise OutputError(f"--output {output} is one of the input images; writing it would "
                               f"destroy it: choose another name")
-    with Executor(manifest, args.backend, args.precision) as executor, \
+    with Executor(manifest, args.backend, args.precision, strategy=args.strategy) as executor, \
             contextlib.ExitStack() as stack:
         if output is not None:
             tmp = stack.enter_context(atomic_path(output))
@@ -534,6 +536,7 @@ def register(subparsers) -> None:
     _add_workers(p, "--data images")
     p.add_argument("--passes", type=COUNT, default=3, help="timed passes over the split")
     p.add_argument("--out", type=PATH, help="write the report as JSON here (its folder must exist)")
+    add_strategy_option(p)
     p.set_defaults(func=_eval)
 
     p = subparsers.add_parser("run", help="run the model with early exits on images or arrays")
@@ -554,4 +557,5 @@ def register(subparsers) -> None:
                         f"in chunks, so memory stays flat")
     _add_workers(p, "images")
     _add_backend_options(p)
+    add_strategy_option(p)
     p.set_defaults(func=_run)

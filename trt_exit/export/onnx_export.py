@@ -126,8 +126,10 @@ def export_model(
 
     Args:
         model: Trained model.
-        out_dir: Output directory; gets ``onnx/fp32/<stage>.onnx``, ``onnx/fp32/full.onnx`` and
-            ``manifest.json``. An existing manifest there is replaced only on success.
+        out_dir: Output directory; gets ``onnx/fp32/<stage>.onnx``, ``onnx/fp32/full.onnx``,
+            ``onnx/fp32/early_exit.onnx`` (the whole chain as one graph, see
+            :mod:`trt_exit.export.early_exit_graph`) and ``manifest.json``. An existing manifest
+            there is replaced only on success.
         sample_inputs: Real model inputs by name, (B, ...) float32, used for the parity check
             (random normal data when None).
         exporter: ``"torchscript"`` or ``"dynamo"``, see the module docstring.
@@ -251,7 +253,11 @@ def export_model(
     for key, value in (extra or {}).items():
         setattr(manifest, key, value)
     manifest.save()
-    return manifest
+    # The whole chain as one graph too (untuned: every sample takes the final head until
+    # trt-exit tune writes the thresholds into it).
+    from trt_exit.export.early_exit_writer import write_early_exit_graphs
+
+    return write_early_exit_graphs(manifest, ["fp32"], sample_inputs)
 
 
 def check_onnx_file(path: str | os.PathLike) -> None:

@@ -155,6 +155,7 @@ def _commit(manifest: Manifest, staging: Path, records: dict[str, dict[str, Any]
             stage.engines = {k: v for k, v in stage.engines.items()
                              if v.get("precision") != precision}
         manifest.full_model.get("onnx", {}).pop(precision, None)
+        manifest.early_exit_graph.pop(precision, None)
         manifest.parity.pop(precision, None)
     manifest.save()
     # 2. Move into place.
@@ -180,7 +181,8 @@ def create_precision_graphs(
     calibration: calib.CalibrationSet | None = None,
     int8: Int8Settings | None = None,
 ) -> Manifest:
-    """Writes the FP16 and/or INT8 graphs of every stage and the baseline; updates the manifest.
+    """Writes the FP16 and/or INT8 graphs of every stage, the baseline and the single early-exit
+    graph (:mod:`trt_exit.export.early_exit_graph`); updates the manifest.
 
     Args:
         manifest: An exported model (FP32 graphs).
@@ -235,4 +237,7 @@ def create_precision_graphs(
         _commit(manifest, staging, records)
     finally:
         remove_staging_dir(staging)
-    return manifest
+    # Each precision's chain as one graph too, with the thresholds the manifest has for it.
+    from trt_exit.export.early_exit_writer import write_early_exit_graphs
+
+    return write_early_exit_graphs(manifest, precisions, sample)

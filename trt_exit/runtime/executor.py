@@ -6,6 +6,12 @@ per-sample confidence with the threshold. Samples that exit keep their result; b
 batch is compacted so later stages only compute the samples still running (free with a dynamic
 batch on the CPU). The CUDA-stream executor (:mod:`trt_exit.runtime.cuda_executor`) makes the
 same decisions on the GPU.
+
+Strategies (ONNX Runtime): ``stages`` drives the stage graphs one call at a time, deciding in
+Python; ``single_graph`` runs the model's single early-exit graph (the whole chain with nested
+``If`` nodes, :mod:`trt_exit.runtime.single_graph`) in one call per batch, with the same
+per-sample decisions (without compacting the batch); ``auto`` (the default) takes what the
+tuner measured faster on this machine (``manifest.tuning[precision]["strategy"]``).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from trt_exit.manifest import Manifest
 from trt_exit.profiling.nvtx import nvtx_range
 from trt_exit.runtime import DEFAULT_CHUNK
 from trt_exit.runtime.backends.base import Backend, StageRunner
+from trt_exit.runtime import single_graph as sg
 from trt_exit.runtime.policies import (
     AllExitsPolicy,
     DeadlinePolicy,
@@ -48,7 +55,8 @@ class ExitResults:
         latency_ms: Wall time of the whole run, in milliseconds.
         all_outputs: With :class:`AllExitsPolicy`: (E, B, K), every exit's output.
         all_confidences: With :class:`AllExitsPolicy`: (E, B), every exit's confidence.
-        strategy: CUDA executor only: how the run was driven (``graph``, ``poll``, ``eager``).
+        strategy: How the run was driven: ``stages`` or ``single_graph`` (host executor),
+            ``graph``, ``poll`` or ``eager`` (CUDA executor).
         host_syncs: CUDA executor only: times the host waited for the GPU during the run.
         device: CUDA executor only (graph and poll): the same results in the executor's device
             buffers (``__cuda_array_interface__`` views, valid until its next run), see
@@ -220,8 +228,10 @@ class Executor:
         backend: Backend name (``"onnxruntime"``, ``"torch"``, ``"tensorrt"``) or instance.
         precision: Which graphs to run: ``"fp32"``, ``"fp16"`` or ``"int8"``.
         policy: Default exit policy (default: the manifest's tuned thresholds).
-        compact: Drop exited samples from the batch before the next stage.
+        compact: Drop exited samples from the batch before the next stage (``stages``).
         backend_options: Keyword options for the backend (e.g. ``threads``).
+        strategy: ``auto`` (default), ``stages`` or ``single_graph`` (see the module
+            docstring); :meth:`run` may override it per call.
 
     Use it as a context manager, or call :meth:`close`.
     """
@@ -234,6 +244,7 @@ class Executor:
         policy: Policy | None = None,
         compact: bool = True,
         backend_options: dict[str, Any] | None = None,
+        strategy: str = "auto",
     ):
         self.manifest = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
         self.backend = create_backend(backend, **(backend_options or {}))
@@ -242,6 +253,16 @@ class Executor:
         self.num_exits = self.manifest.num_exits
         self.runners: dict[str, StageRunner] = {}
         self._full: StageRunner | None = None
+        self._graphs: dict[Any, Any] = {}  # ChainPlan -> SingleGraphRunner
+        self._graph_file: Any = None  # the manifest's graph file's runner, once opened
+        self._stale: Any = None  # why the graph file is not used (a StaleGraphError)
+        self._plans: dict[tuple, Any] = {}  # policy value -> (ChainPlan, thresholds)
+        try:
+            self.strategy = self._check_strategy(strategy)
+        except BaseException:
+            self.backend.close()
+            raise
+        self._auto_max_batch = sg.auto_max_batch(self.manifest, precision, self.backend.name)
         try:
             for stage in self.manifest.stages:
                 self.runners[stage.name] = self.backend.open_stage(self.manifest, stage, precision)
@@ -262,14 +283,19 @@ class Executor:
         self.policy = policy or default_policy(self.manifest, precision)
         self.policy.validate(self.num_exits)
         self._device_arrays = bool(getattr(self.backend, "device_arrays", False))
+        spec = self.manifest.inputs[0]
+        self._one_input = ((spec.name, np.dtype(spec.dtype), tuple(spec.shape[1:]))
+                           if len(self.manifest.inputs) == 1 else None)
 
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
-        """Releases every stage runner and the backend."""
-        for runner in self.runners.values():
+        """Releases every stage runner, single graph and the backend."""
+        for runner in [*self.runners.values(), *self._graphs.values()]:
             runner.close()
         self.runners.clear()
+        self._graphs.clear()
+        self._graph_file = None
         if self._full is not None:
             self._full.close()
             self._full = None
@@ -284,15 +310,25 @@ class Executor:
     # ------------------------------------------------------------------ running
 
     def validate_inputs(self, inputs: Any) -> dict[str, Any]:
-        """See :func:`validate_inputs`."""
+        """See :func:`validate_inputs`. A one-input model's plain numpy batch of the right
+        dtype and shape, contiguous and finite, is accepted as it is without the general
+        checks (the common streaming case, where they cost a tenth of a small model's run);
+        anything else goes through them."""
+        one = self._one_input
+        if (one is not None and type(inputs) is np.ndarray and inputs.dtype == one[1]
+                and inputs.shape[1:] == one[2] and len(inputs) > 0
+                and inputs.flags.c_contiguous and np.isfinite(inputs).all()):
+            return {one[0]: inputs}
         return validate_inputs(self.manifest, inputs, self._device_arrays)
 
-    def run(self, inputs: Any, policy: Policy | None = None) -> ExitResults:
+    def run(self, inputs: Any, policy: Policy | None = None,
+            strategy: str | None = None) -> ExitResults:
         """Runs one batch.
 
         Args:
             inputs: One array (B, ...) or a dict of arrays by input name (float32).
             policy: Overrides the executor's policy for this run.
+            strategy: Overrides the executor's strategy for this run.
 
         Returns:
             Per-sample results.
@@ -301,16 +337,23 @@ class Executor:
         policy = policy or self.policy
         if policy is not self.policy:
             policy.validate(self.num_exits)
+        strategy = self.strategy if strategy is None else self._check_strategy(strategy)
         began = time.perf_counter()
-        if isinstance(policy, AllExitsPolicy):
+        if isinstance(policy, AllExitsPolicy) and strategy != "single_graph":
             results = self._run_all(feeds, began)
         else:
-            results = self._run_policy(feeds, policy, began)
+            graph = self._single_graph(policy, strategy, len(next(iter(feeds.values()))))
+            if graph is not None:
+                results = self._run_graph(*graph, feeds, began)
+            else:
+                results = self._run_policy(feeds, policy, began)
         results.value_columns = self.manifest.value_columns
+        results.strategy = results.strategy or "stages"
         return results
 
     def run_chunks(self, inputs: Any, chunk: int = DEFAULT_CHUNK,
-                   policy: Policy | None = None) -> Iterator[ExitResults]:
+                   policy: Policy | None = None,
+                   strategy: str | None = None) -> Iterator[ExitResults]:
         """Runs a large input ``chunk`` samples at a time; yields each chunk's results.
 
         Memory stays flat in the number of samples (inputs may be memory-mapped arrays: only
@@ -321,6 +364,7 @@ class Executor:
             inputs: One array (N, ...) or a dict of arrays by input name.
             chunk: Samples per :meth:`run`.
             policy: Overrides the executor's policy.
+            strategy: Overrides the executor's strategy.
         """
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise ConfigError(f"chunk must be a positive number of samples, got {chunk!r}")
@@ -343,7 +387,7 @@ class Executor:
         for start in range(0, total, chunk):
             self.validate_inputs(part(start))
         for start in range(0, total, chunk):
-            yield self.run(part(start), policy)
+            yield self.run(part(start), policy, strategy)
 
     def run_full_model(self, inputs: Any) -> ExitResults:
         """Runs the no-exit baseline graph (backbone and final head in one graph)."""
@@ -360,6 +404,85 @@ class Executor:
         return ExitResults(np.full(batch, final, np.int32), output,
                            np.asarray(values[tn.exit_confidence(final)]), self.manifest.task, latency,
                            value_columns=self.manifest.value_columns)
+
+    # ------------------------------------------------------------------ single graph
+
+    def _check_strategy(self, strategy: str) -> str:
+        if strategy not in sg.STRATEGIES:
+            raise ConfigError(f"unknown strategy {strategy!r}; choose {', '.join(sg.STRATEGIES)}")
+        if strategy == "single_graph" and self.backend.name != "onnxruntime":
+            raise ConfigError(f"the single early-exit graph runs on ONNX Runtime, not the "
+                              f"{self.backend.name} backend: use --backend onnxruntime, or "
+                              f"strategy stages")
+        return strategy
+
+    def _single_graph(self, policy: Policy, strategy: str, batch: int):
+        """``(runner, thresholds)`` of the single graph this run uses, or None for the stages."""
+        if strategy == "stages":
+            return None
+        if strategy == "auto" and (batch > self._auto_max_batch or not sg.supports(policy)):
+            return None
+        if not sg.supports(policy):
+            raise ConfigError(f"{type(policy).__name__} needs the stages one by one; run it "
+                              f"with strategy stages (or auto)")
+        plan, thresholds = self._plan(policy)
+        file_runner = self._file_graph()
+        if file_runner is not None and file_runner.plan == plan:
+            return file_runner, thresholds
+        if strategy == "auto":
+            return None  # another plan than the measured graph's, or a stale file: the stages
+        if self._stale is not None and self._stale.plan == plan:
+            raise self._stale
+        if plan not in self._graphs:
+            from trt_exit.export.early_exit_graph import compose_early_exit_graph
+
+            log.info("composing the single early-exit graph for %s in memory (exits deciding: "
+                     "%s, final %d)", policy.describe(), list(plan.decisions), plan.final)
+            model = compose_early_exit_graph(self.manifest, self.precision, plan, thresholds)
+            self._graphs[plan] = sg.SingleGraphRunner(
+                self.manifest, model.SerializeToString(),
+                f"early-exit graph ({self.precision}, composed for {policy.describe()})",
+                getattr(self.backend, "threads", 1))
+        return self._graphs[plan], thresholds
+
+    def _plan(self, policy: Policy):
+        """``(ChainPlan, thresholds to feed)`` of a policy, kept per policy value (the plan
+        walks the manifest; the thresholds array is only read by ONNX Runtime)."""
+        key = (type(policy), tuple(getattr(policy, "thresholds", ())),
+               getattr(policy, "exit_index", None))
+        cached = self._plans.get(key)
+        if cached is None:
+            if len(self._plans) >= 64:  # a sweep over thresholds: keep the memory bounded
+                self._plans.clear()
+            cached = self._plans[key] = sg.policy_plan(self.manifest, policy)
+        return cached
+
+    def _file_graph(self):
+        """The runner of the manifest's graph file of this precision (opened once), or None
+        (also when the file is stale, see
+        :class:`~trt_exit.runtime.single_graph.StaleGraphError`: logged and kept)."""
+        if self._graph_file is None and self.precision in self.manifest.early_exit_graph:
+            path = self.manifest.early_exit_graph_path(self.precision)  # sha256 checked
+            try:
+                runner = sg.SingleGraphRunner(self.manifest, path,
+                                           f"early-exit graph {path.name} ({self.precision})",
+                                           getattr(self.backend, "threads", 1), self.precision)
+            except sg.StaleGraphError as exc:
+                log.warning("%s", exc)
+                self._graph_file, self._stale = False, exc  # not opened again
+                return None
+            self._graphs[runner.plan] = self._graph_file = runner
+        return self._graph_file or None
+
+    def _run_graph(self, graph, thresholds: np.ndarray, feeds: dict[str, Any],
+                   began: float) -> ExitResults:
+        with nvtx_range("single_graph"):
+            output, confidence, index = graph.run(feeds, thresholds)
+        latency = (time.perf_counter() - began) * 1e3
+        return ExitResults(index.astype(np.int32), output, confidence, self.manifest.task,
+                           latency, strategy="single_graph")
+
+    # ------------------------------------------------------------------ stages
 
     def _run_stage(self, name: str, values: dict[str, Any]) -> dict[str, Any]:
         with nvtx_range(name):

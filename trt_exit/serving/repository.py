@@ -10,6 +10,9 @@ Layout written (``<name>`` is the manifest's model name unless given)::
         1/
           model.py             imports trt_exit.serving.triton_model.TritonPythonModel
           model/               manifest.json and the files it lists (unless --reference)
+      <name>_onnx/             with --onnxruntime-model: the single early-exit graph for
+        config.pbtxt           Triton's own onnxruntime backend (no Python in the request path)
+        1/model.onnx
 
 The repository is written next to its final place and renamed into it, so an interrupted
 export leaves nothing half-written; an existing ``REPO`` is refused.
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trt_exit.errors import ConfigError
-from trt_exit.fileio import check_folder_outside, check_output_dir
+from trt_exit.fileio import check_folder_outside, check_output_dir, sha256_file
 from trt_exit.manifest import MANIFEST_NAME, Manifest
 from trt_exit.serving.model_io import (
     TensorIO,
@@ -60,6 +63,8 @@ class RepositoryConfig:
         instance_kind: ``auto`` (GPU for torch/tensorrt, else CPU), ``cpu`` or ``gpu``.
         instances: Instances (per GPU for ``gpu``).
         reference: Point at ``model_dir`` by absolute path instead of copying its files.
+        onnxruntime_model: Also write ``<name>_onnx``: the model's single early-exit graph of
+            ``precision`` for Triton's onnxruntime backend (CPU instances, the tuned thresholds).
     """
 
     model_dir: str | os.PathLike
@@ -74,6 +79,7 @@ class RepositoryConfig:
     instance_kind: str = "auto"
     instances: int = 1
     reference: bool = False
+    onnxruntime_model: bool = False
 
 
 def _tensor_block(io: TensorIO) -> str:
@@ -111,6 +117,68 @@ def config_pbtxt(manifest: Manifest, config: RepositoryConfig, name: str, max_ba
     return "\n".join(lines) + "\n"
 
 
+#: Suffix of the onnxruntime-backend model's name.
+ONNX_SUFFIX = "_onnx"
+
+
+def _graph_tensors(path: Path) -> tuple[list[TensorIO], list[TensorIO]]:
+    """The single graph's inputs (those without a default) and outputs, per sample (the batch
+    dimension dropped), read from the ONNX file itself."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    defaults = {t.name for t in model.graph.initializer}
+
+    def tensors(values) -> list[TensorIO]:
+        out = []
+        for value in values:
+            if value.name in defaults:
+                continue
+            tensor = value.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
+            if not dims or dims[0] != -1 or any(d < 1 for d in dims[1:]):
+                raise ConfigError(f"{path}: {value.name} has shape {dims}; Triton's batching "
+                                  f"needs a dynamic batch first and fixed dimensions after it")
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+            out.append(TensorIO(value.name, tuple(dims[1:]), dtype))
+        return out
+
+    return tensors(model.graph.input), tensors(model.graph.output)
+
+
+def onnxruntime_config_pbtxt(graph: Path, config: RepositoryConfig, name: str,
+                             max_batch: int) -> str:
+    """``config.pbtxt`` of the single early-exit graph on Triton's onnxruntime backend.
+
+    Tensors are read from the graph. A per-sample scalar (confidence, exit index: (B,) in the
+    graph) is declared as dims ``[ 1 ]`` with ``reshape: { shape: [ ] }``, as Triton requires.
+    The thresholds input has a default (the tuned thresholds) and no batch dimension, so it is
+    not an input of the served model.
+    """
+    if config.instances < 1:
+        raise ConfigError(f"--instances must be at least 1, got {config.instances}")
+
+    def block(io: TensorIO) -> str:
+        if io.dims:
+            return _tensor_block(io)
+        text = _tensor_block(TensorIO(io.name, (1,), io.dtype))
+        return text[: -len("\n  }")] + "\n    reshape: { shape: [ ] }\n  }"
+
+    inputs, outputs = _graph_tensors(graph)
+    lines = [
+        f'name: "{name}"',
+        'backend: "onnxruntime"',
+        f"max_batch_size: {max_batch}",
+        "input [\n" + ",\n".join(block(io) for io in inputs) + "\n]",
+        "output [\n" + ",\n".join(block(io) for io in outputs) + "\n]",
+        f"dynamic_batching {{\n  max_queue_delay_microseconds: {config.max_queue_delay_us}\n}}",
+        f"instance_group [\n  {{\n    count: {config.instances}\n    kind: KIND_CPU\n  }}\n]",
+    ]
+    for key, value in (("intra_op_thread_count", config.threads), ("inter_op_thread_count", 1)):
+        lines.append(f'parameters: {{\n  key: "{key}"\n  value: {{ string_value: "{value}" }}\n}}')
+    return "\n".join(lines) + "\n"
+
+
 def manifest_files(manifest: Manifest) -> list[Path]:
     """Every file the manifest lists (graphs of every precision, engines, checkpoint), relative
     to its directory, after checking each against its sha256."""
@@ -122,6 +190,7 @@ def manifest_files(manifest: Manifest) -> list[Path]:
         refs += [(FileRef(**record["file"]), f"{stage.name} engine {key}")
                  for key, record in stage.engines.items() if "file" in record]
     refs += [(ref, f"full model ({p})") for p, ref in manifest.full_model.get("onnx", {}).items()]
+    refs += [(ref, f"early-exit graph ({p})") for p, ref in manifest.early_exit_graph.items()]
     refs += [(FileRef(**record["file"]), f"full model engine {key}")
              for key, record in manifest.full_model.get("engines", {}).items() if "file" in record]
     if manifest.model.get("checkpoint"):
@@ -181,6 +250,24 @@ spelling; empty = tuned thresholds), `threads`, `model_dir`. Instance group: {ki
 """
 
 
+def onnx_readme(name: str, config: RepositoryConfig) -> str:
+    """The README section on the onnxruntime-backend model."""
+    model = name + ONNX_SUFFIX
+    return f"""
+## `{model}`: the single graph on Triton's onnxruntime backend
+
+`{model}/1/model.onnx` is the model's whole exit chain as one ONNX graph ({config.precision}):
+Triton's own onnxruntime backend runs it, with no Python in the request path and dynamic
+batching (max queue delay {config.max_queue_delay_us} us). Outputs per sample: `output`,
+`confidence` and `exit_index` (INT64). The exit thresholds are the graph's defaults, the tuned
+ones: re-run `trt-exit tune` and write the repository anew to change them. A batch runs until
+its least confident sample exits (the batch is not compacted), so at large batches the Python
+model above may be faster; `trt-exit tune` records where the single graph stops being faster
+(`tuning.<precision>.strategy` in the manifest). CPU instances ({config.instances}, intra-op
+threads {config.threads}): the single graph is the CPU artifact (docs/executor.md).
+"""
+
+
 def write_repository(config: RepositoryConfig) -> Path:
     """Writes the repository; returns the model's directory in it.
 
@@ -211,13 +298,25 @@ def write_repository(config: RepositoryConfig) -> Path:
     model_dir = str(manifest.root.resolve()) if config.reference else "model"
     text = config_pbtxt(manifest, config, name, max_batch, model_dir)
     kind = "gpu" if "KIND_GPU" in text else "cpu"
+    graph = onnx_text = None
+    if config.onnxruntime_model:
+        graph = manifest.early_exit_graph_path(config.precision)  # sha256 checked
+        onnx_text = onnxruntime_config_pbtxt(graph, config, name + ONNX_SUFFIX, max_batch)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         version = staging / name / "1"
         version.mkdir(parents=True)
         (staging / name / "config.pbtxt").write_text(text)
         (version / "model.py").write_text(MODEL_PY)
-        (staging / "README.md").write_text(readme(name, config, max_batch, kind))
+        (staging / "README.md").write_text(readme(name, config, max_batch, kind) + (
+            onnx_readme(name, config) if graph is not None else ""))
+        if graph is not None:
+            (staging / (name + ONNX_SUFFIX) / "1").mkdir(parents=True)
+            (staging / (name + ONNX_SUFFIX) / "config.pbtxt").write_text(onnx_text)
+            shutil.copy2(graph, staging / (name + ONNX_SUFFIX) / "1" / "model.onnx")
+            if sha256_file(staging / (name + ONNX_SUFFIX) / "1" / "model.onnx") != \
+                    manifest.early_exit_graph[config.precision].sha256:
+                raise ConfigError(f"{graph} changed while it was copied; run the command again")
         if not config.reference:
             target = version / "model"
             for rel in files:

@@ -30,22 +30,25 @@ def session_options(threads: int = 1):
     return options
 
 
-def open_session(path: str | Path, threads: int = 1):
-    """An ``InferenceSession`` on the CPU; a damaged graph is an :class:`ArtifactError`.
+def open_session(path: str | Path | bytes, threads: int = 1, what: str | None = None):
+    """An ``InferenceSession`` on the CPU for a graph file, or a serialized graph (bytes;
+    ``what`` names it in messages); a damaged graph is an :class:`ArtifactError`.
 
     ONNX Runtime takes file names as UTF-8 only: a graph under a folder whose name is not (a
     Latin-1 name on a Linux disk) is read here and given to it as bytes.
     """
     import onnxruntime as ort
 
-    source: str | bytes = str(path)
-    try:
-        source.encode("utf-8")
-    except UnicodeEncodeError:
+    source: str | bytes = path if isinstance(path, bytes) else str(path)
+    what = what or str(path)
+    if isinstance(source, str):
         try:
-            source = Path(path).read_bytes()
-        except OSError as exc:
-            raise ArtifactError(f"cannot read {path} ({exc.strerror})") from exc
+            source.encode("utf-8")
+        except UnicodeEncodeError:
+            try:
+                source = Path(path).read_bytes()
+            except OSError as exc:
+                raise ArtifactError(f"cannot read {path} ({exc.strerror})") from exc
     try:
         return ort.InferenceSession(source, session_options(threads),
                                     providers=["CPUExecutionProvider"])
@@ -53,7 +56,7 @@ def open_session(path: str | Path, threads: int = 1):
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         reason = lines[0][:300] + ("..." if len(lines) > 1 or len(lines[0]) > 300 else "")
         raise ArtifactError(
-            f"ONNX Runtime cannot load {path}: {reason}; re-export the model"
+            f"ONNX Runtime cannot load {what}: {reason}; re-export the model"
         ) from exc
 
 
