@@ -40,3 +40,29 @@ def predict_exits(model, inputs: Mapping[str, np.ndarray], batch_size: int = 256
         for k, out in enumerate(forward_inputs(model, batch)):
             chunks[k].append(out.float().cpu().numpy())
     return [np.concatenate(c) for c in chunks]
+
+
+def _streams(dataset) -> bool:
+    """A split that streams batches (image folders) rather than holding arrays."""
+    return callable(getattr(dataset, "batches", None)) and not hasattr(dataset, "inputs")
+
+
+@torch.no_grad()
+def predict_with_targets(model, dataset, batch_size: int = 256
+                         ) -> tuple[list[np.ndarray], np.ndarray]:
+    """Outputs of every exit on ``dataset`` and the targets they belong to (a streaming split
+    may skip undecodable images, so its targets come from the batches)."""
+    if not _streams(dataset):
+        return predict_exits(model, dataset.inputs, batch_size), dataset.targets
+    model.eval()
+    chunks: list[list[np.ndarray]] = [[] for _ in range(model.num_exits)]
+    targets = []
+    for batch, batch_targets in dataset.batches(batch_size, shuffle=False, training=False):
+        for k, out in enumerate(forward_inputs(model, batch)):
+            chunks[k].append(out.float().cpu().numpy())
+        targets.append(batch_targets.numpy())
+    if not targets:
+        from trt_exit.errors import ConfigError
+
+        raise ConfigError(f"{dataset.name}: none of its samples could be read")
+    return [np.concatenate(c) for c in chunks], np.concatenate(targets)

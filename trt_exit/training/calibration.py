@@ -21,6 +21,7 @@ import torch
 from trt_exit.errors import ConfigError
 from trt_exit.models.confidence import CLASSIFICATION_MEASURES
 from trt_exit.models.exits import CLASSIFICATION
+from trt_exit.models.predict import predict_with_targets
 
 #: Search range of the temperature (log-uniform bounds).
 TEMPERATURE_RANGE = (0.05, 20.0)
@@ -64,8 +65,6 @@ def calibrate_temperatures(model, dataset) -> dict[str, Any]:
         ``{"split": name, "temperatures": [T per exit], "nll_before": [...],
         "nll_after": [...]}`` (exits left at 1: their NLL both times).
     """
-    from trt_exit.training.trainer import predict_with_targets
-
     if model.task != CLASSIFICATION:
         raise ConfigError("temperature calibration applies to classification models")
     for head in model.exits:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from trt_exit.errors import ConfigError
 from trt_exit.models.exits import CLASSIFICATION
 from trt_exit.models.multi_exit import MultiExitModel
-from trt_exit.models.predict import forward_inputs
+from trt_exit.models.predict import forward_inputs, predict_with_targets  # noqa: F401  (API)
 from trt_exit.models.predict import predict_exits as predict_inputs
 from trt_exit.training.config import (  # noqa: F401  TrainConfig and the regimes: the trainer's API
     CLASSIFIER_WISE,
@@ -125,25 +125,6 @@ def _forward(model: MultiExitModel, inputs: dict[str, torch.Tensor]) -> list[tor
 def _is_streaming(dataset) -> bool:
     """A split that streams batches (image folders) rather than holding arrays."""
     return not isinstance(dataset, Dataset) and callable(getattr(dataset, "batches", None))
-
-
-@torch.no_grad()
-def predict_with_targets(model: MultiExitModel, dataset, batch_size: int = 256
-                         ) -> tuple[list[np.ndarray], np.ndarray]:
-    """Outputs of every exit on ``dataset`` and the targets they belong to (a streaming split
-    may skip undecodable images, so its targets come from the batches)."""
-    if not _is_streaming(dataset):
-        return predict_inputs(model, dataset.inputs, batch_size), dataset.targets
-    model.eval()
-    chunks: list[list[np.ndarray]] = [[] for _ in range(model.num_exits)]
-    targets = []
-    for batch, batch_targets in dataset.batches(batch_size, shuffle=False, training=False):
-        for k, out in enumerate(forward_inputs(model, batch)):
-            chunks[k].append(out.float().cpu().numpy())
-        targets.append(batch_targets.numpy())
-    if not targets:
-        raise ConfigError(f"{dataset.name}: none of its samples could be read")
-    return [np.concatenate(c) for c in chunks], np.concatenate(targets)
 
 
 def predict_exits(model: MultiExitModel, dataset, batch_size: int = 256) -> list[np.ndarray]:
