@@ -210,15 +210,16 @@ def ort_profile(session_source: str, threads: int, inputs: dict, plan) -> dict:
 
 
 def run(model_dir: str, precision: str, batches: list[int], passes: int, warmup: int,
-        threads: int, profile: bool) -> dict:
+        threads: int, profile: bool, samples: int | None = None) -> dict:
     from trt_exit.manifest import Manifest
     from trt_exit.profiling.environment import machine_info
     from trt_exit.runtime.executor import Executor, default_policy
-    from trt_exit.workflow import dataset_of, load_splits
+    from trt_exit.workflow import dataset_of, evenly_spaced, load_splits
 
     manifest = Manifest.load(model_dir)
     info = dataset_of(manifest)
     test = load_splits(info["name"], info["seed"], info.get("options"))["test"]
+    test = test.subset(evenly_spaced(len(test), samples))
     inputs = {name: np.ascontiguousarray(v) for name, v in test.inputs.items()}
     count = len(test)
     plain, ablations, paths, plan = sessions(manifest, precision, threads)
@@ -366,11 +367,16 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=5, help="timed passes over the test split")
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--samples", type=int,
+                        help="time this many evenly spaced test samples (default: all; MNIST's "
+                             "10,000 take long)")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--out", help="write the JSON here")
     args = parser.parse_args()
+    if args.samples is not None and args.samples < 1:
+        parser.error("--samples must be at least 1")
     report = run(args.model_dir, args.precision, args.batches, args.passes, args.warmup,
-                 args.threads, not args.no_profile)
+                 args.threads, not args.no_profile, args.samples)
     report["command"] = "python benchmarks/single_graph.py " + " ".join(
         __import__("shlex").quote(a) for a in __import__("sys").argv[1:])
     if args.out:
