@@ -44,6 +44,9 @@ class DemoPreset:
             all; the tuner's search grows faster than linearly with the samples).
         timing_samples: Time latency on this many evenly spaced test samples (None: all);
             accuracy always covers the whole test split.
+        check_samples: Compare the single early-exit graph's decisions with the stages' (at
+            batch 1 and as one batch) on this many evenly spaced test samples (None: all; on
+            MNIST's 10,000 the check took about a minute of the demo for three precisions).
     """
 
     model: str
@@ -52,13 +55,15 @@ class DemoPreset:
     max_accuracy_drop_points: float = 0.5
     tuning_samples: int | None = None
     timing_samples: int | None = None
+    check_samples: int | None = None
 
 
 #: The demo's datasets: MNIST (the default; the README says why) and scikit-learn's digits.
 DEMO_PRESETS = {
     "mnist": DemoPreset("multi_exit_vit_mnist", MNIST_DEMO_TRAIN,
                         recipe="end_to_end+distill+ensemble+calibrate",
-                        max_accuracy_drop_points=0.25, tuning_samples=5000, timing_samples=500),
+                        max_accuracy_drop_points=0.25, tuning_samples=5000, timing_samples=500,
+                        check_samples=2000),
     "digits": DemoPreset("multi_exit_vit_digits", DEMO_TRAIN),
 }
 DEMO_DATASET = "mnist"
@@ -88,6 +93,7 @@ class DemoConfig:
         profile_repeats: Timed runs per stage for the latency profile.
         tuning_samples: See :class:`DemoPreset`.
         timing_samples: See :class:`DemoPreset`.
+        check_samples: See :class:`DemoPreset`.
         recipe: The recipe ``train`` and ``exits`` came from (recorded in the report).
     """
 
@@ -106,6 +112,7 @@ class DemoConfig:
     profile_repeats: int = 50
     tuning_samples: int | None = None
     timing_samples: int | None = None
+    check_samples: int | None = None
     recipe: str | None = None
 
     @classmethod
@@ -123,7 +130,8 @@ class DemoConfig:
                   "exits": exits if recipe.ensemble else None, "recipe": preset.recipe,
                   "max_accuracy_drop_points": preset.max_accuracy_drop_points,
                   "tuning_samples": preset.tuning_samples,
-                  "timing_samples": preset.timing_samples}
+                  "timing_samples": preset.timing_samples,
+                  "check_samples": preset.check_samples}
         return cls(**{**fields, **changes})
 
 
@@ -210,11 +218,13 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None,
                              config.profile_repeats, floor_confidence=config.floor_confidence)
     with phase("evaluate"):
         report = evaluate_step(manifest, splits["test"], config.backend, config.precision,
-                               config.latency_passes, timing_samples=config.timing_samples)
+                               config.latency_passes, timing_samples=config.timing_samples,
+                               check_samples=config.check_samples)
     with phase("fp16 and int8"):
         report["precisions"] = precision_report(
             manifest, {**splits, "val": tune_set}, report, config.backend, max_loss, config.seed,
-            config=PrecisionDemoConfig(timing_samples=config.timing_samples),
+            config=PrecisionDemoConfig(timing_samples=config.timing_samples,
+                                       check_samples=config.check_samples),
             floor_confidence=config.floor_confidence)
     report.update({
         "torch_test_metrics": torch_metrics,

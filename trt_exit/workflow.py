@@ -293,7 +293,7 @@ def _same_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def evaluate_step(manifest: Manifest, test: Dataset, backend: str = "onnxruntime",
                   precision: str = "fp32", passes: int = 3, warmup: int = 50,
                   time_each_exit: bool = True, timing_samples: int | None = None,
-                  strategy: str = "auto") -> dict[str, Any]:
+                  strategy: str = "auto", check_samples: int | None = None) -> dict[str, Any]:
     """Accuracy and latency of every exit and of the tuned operating point on ``test``.
 
     Latency is measured per sample at batch 1 (the streaming case early exits are for), in the
@@ -303,7 +303,8 @@ def evaluate_step(manifest: Manifest, test: Dataset, backend: str = "onnxruntime
     covers the whole split; latency, with ``timing_samples``, that many evenly spaced samples
     of it. Where the model has the single early-exit graph of ``precision`` (ONNX Runtime), the
     policy is also timed with each strategy, and ``single_graph`` says on how many samples the
-    graph and the stages agree (exit and prediction, at batch 1 and as one batch).
+    graph and the stages agree (exit and prediction, at batch 1 and as one batch): the whole
+    split, or ``check_samples`` evenly spaced ones.
     """
     from trt_exit.runtime.executor import Executor, default_policy
     from trt_exit.runtime.policies import AllExitsPolicy, FixedExitPolicy
@@ -336,7 +337,8 @@ def evaluate_step(manifest: Manifest, test: Dataset, backend: str = "onnxruntime
         backend_info = executor.backend.describe()
         x = {name: v[:1] for name, v in test.inputs.items()}
         used = executor.run(x, policy).strategy
-        agree = _same_decisions(executor, test, policy) if one_graph else None
+        checked = test.subset(evenly_spaced(len(test), check_samples))
+        agree = _same_decisions(executor, checked, policy) if one_graph else None
 
     per_exit = [exit_metric(everything.all_outputs[k], test.targets, task)
                 for k in range(manifest.num_exits)]

@@ -31,6 +31,8 @@ class PrecisionDemoConfig:
         warmup: Untimed samples per policy before timing.
         timing_samples: Time latency on this many evenly spaced test samples (None: all);
             accuracy covers the whole split.
+        check_samples: Compare the single graph's decisions with the stages' on this many
+            evenly spaced test samples (None: all).
     """
 
     calibration_samples: int = 256
@@ -38,6 +40,7 @@ class PrecisionDemoConfig:
     latency_passes: int = 1
     warmup: int = 20
     timing_samples: int | None = None
+    check_samples: int | None = None
 
 
 def _summary(report: dict[str, Any]) -> dict[str, Any]:
@@ -93,7 +96,8 @@ def precision_report(manifest: Manifest, splits: dict, fp32_report: dict[str, An
             # The summary keeps the early-exit and baseline latencies: only those are timed.
             report = evaluate_step(manifest, splits["test"], backend, precision,
                                    config.latency_passes, config.warmup, time_each_exit=False,
-                                   timing_samples=config.timing_samples)
+                                   timing_samples=config.timing_samples,
+                                   check_samples=config.check_samples)
             results[precision] = _summary(report)
             change = report[final] - fp32_report[final]
             results[precision][f"{final}_change_vs_fp32"] = change

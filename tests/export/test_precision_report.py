@@ -62,3 +62,18 @@ def test_evaluate_step_can_skip_timing_each_exit(tiny_tuned, digits):
     timed_rows = format_report(timed).splitlines()[3 : 3 + manifest.num_exits]
     assert [r.split()[5] for r in rows] == ["-"] * manifest.num_exits
     assert [len(r) for r in rows] == [len(r) for r in timed_rows]
+
+
+def test_the_single_graph_check_covers_the_split_or_the_subset_asked_for(tiny_tuned, digits):
+    """The demo compares the single graph's decisions with the stages' on a subset (MNIST's
+    10,000 test samples cost a minute); accuracy still covers the whole split."""
+    manifest = Manifest.load(tiny_tuned)
+    test = digits["test"].subset(np.arange(40))
+    whole = evaluate_step(manifest, test, passes=1, warmup=2, time_each_exit=False)
+    part = evaluate_step(manifest, test, passes=1, warmup=2, time_each_exit=False,
+                         check_samples=7)
+    assert whole["single_graph"]["same_exit_and_prediction"] == {
+        "samples": 40, "batch_1": 40, "one_batch": 40}
+    assert part["single_graph"]["same_exit_and_prediction"] == {
+        "samples": 7, "batch_1": 7, "one_batch": 7}
+    assert part["final_accuracy"] == whole["final_accuracy"] and part["samples"] == 40
