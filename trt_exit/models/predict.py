@@ -42,7 +42,7 @@ def predict_exits(model, inputs: Mapping[str, np.ndarray], batch_size: int = 256
     return [np.concatenate(c) for c in chunks]
 
 
-def _streams(dataset) -> bool:
+def is_streaming(dataset) -> bool:
     """A split that streams batches (image folders) rather than holding arrays."""
     return callable(getattr(dataset, "batches", None)) and not hasattr(dataset, "inputs")
 
@@ -52,7 +52,7 @@ def predict_with_targets(model, dataset, batch_size: int = 256
                          ) -> tuple[list[np.ndarray], np.ndarray]:
     """Outputs of every exit on ``dataset`` and the targets they belong to (a streaming split
     may skip undecodable images, so its targets come from the batches)."""
-    if not _streams(dataset):
+    if not is_streaming(dataset):
         return predict_exits(model, dataset.inputs, batch_size), dataset.targets
     model.eval()
     chunks: list[list[np.ndarray]] = [[] for _ in range(model.num_exits)]

@@ -29,7 +29,11 @@ import torch.nn.functional as F
 from trt_exit.errors import ConfigError
 from trt_exit.models.exits import CLASSIFICATION
 from trt_exit.models.multi_exit import MultiExitModel
-from trt_exit.models.predict import forward_inputs, predict_with_targets  # noqa: F401  (API)
+from trt_exit.models.predict import (  # noqa: F401  predict_with_targets: the trainer's API
+    forward_inputs,
+    is_streaming,
+    predict_with_targets,
+)
 from trt_exit.models.predict import predict_exits as predict_inputs
 from trt_exit.training.config import (  # noqa: F401  TrainConfig and the regimes: the trainer's API
     CLASSIFIER_WISE,
@@ -122,11 +126,6 @@ def _forward(model: MultiExitModel, inputs: dict[str, torch.Tensor]) -> list[tor
     return [o.float() for o in outputs]
 
 
-def _is_streaming(dataset) -> bool:
-    """A split that streams batches (image folders) rather than holding arrays."""
-    return not isinstance(dataset, Dataset) and callable(getattr(dataset, "batches", None))
-
-
 def predict_exits(model: MultiExitModel, dataset, batch_size: int = 256) -> list[np.ndarray]:
     """Outputs of every exit on ``dataset``: a list of (N, num_outputs) float32 arrays."""
     return predict_with_targets(model, dataset, batch_size)[0]
@@ -185,7 +184,7 @@ def _train_batches(train_set, config: TrainConfig, generator: torch.Generator):
     """
     from trt_exit import tensor_names as tn
 
-    if _is_streaming(train_set):
+    if is_streaming(train_set):
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         yield from train_set.batches(config.batch_size, shuffle=True, seed=seed)
         return
